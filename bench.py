@@ -1,0 +1,127 @@
+"""The speed figures this project quotes, each measured by one command.
+
+    python bench.py step [--model SiT-B/2 --batch-size 8 --steps 5]
+
+step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
+device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (`--diverse`).
+The variants run interleaved, round after round, so that drifts of the machine's speed hit all of them alike;
+the median seconds per step and the ratio to plain SiT are printed as a Markdown table. Whole CPU steps vary
+by a few per cent from round to round, so the diversity loss is also timed on its own (forward and backward on
+block features of the step's shapes), which resolves its share of a step far more precisely.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from losses import adaptive_weight, diversity_loss, diversity_pairs, flow_matching_loss, interpolate
+from models import build_model
+
+VARIANTS = {  # name: (long residual connections, diversity loss)
+    "SiT": (False, False),
+    "SiT + L_div": (False, True),
+    "SiT + long residual": (True, False),
+    "DiverseDiT (both)": (True, True),
+}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_train_step(model, with_diversity):
+    """One step of the flow-matching objective, plus w(L_div)·L_div when asked (paper Sec. 3.2)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    pairs = diversity_pairs(model.depth)
+
+    def step(x, eps, t, y):
+        x_t, v = interpolate(x, eps, t)
+        if with_diversity:
+            v_pred, feats = model(x_t, t, y, return_features=True)
+            l_div = diversity_loss(feats.blocks, pairs).total
+            loss = flow_matching_loss(v_pred, v).mean() + adaptive_weight(l_div) * l_div
+        else:
+            loss = flow_matching_loss(model(x_t, t, y), v).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_step(args, device):
+    torch.manual_seed(0)
+    latent = args.image_size // 8
+    x = torch.randn(args.batch_size, 4, latent, latent, device=device)
+    eps = torch.randn_like(x)
+    t = torch.rand(args.batch_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    steps = {}
+    for name, (long_residual, with_diversity) in VARIANTS.items():
+        model = build_model(args.model, input_size=latent, long_residual=long_residual).to(device).train()
+        steps[name] = make_train_step(model, with_diversity)
+        for _ in range(args.warmup):
+            steps[name](x, eps, t, y)
+
+    times = {name: [] for name in VARIANTS}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step(x, eps, t, y)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+
+    base = statistics.median(times["SiT"])
+    loss_alone = time_diversity_loss_alone(feature_shapes(args), device, rounds=5 * args.steps)
+    print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px, fp32, {device.type} "
+          f"({torch.get_num_threads()} threads), median of {args.steps} steps after {args.warmup} warm-up\n")
+    print("| variant | s / step | vs SiT |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        print(f"| {name} | {median:.3f} | {median / base:.3f}× |")
+    print(f"| L_div alone (forward + backward) | {loss_alone:.3f} | {loss_alone / base:.1%} of a SiT step |")
+
+
+def feature_shapes(args):
+    """(L, N, T, D) of the block features in the benchmarked step."""
+    with torch.device("meta"):
+        model = build_model(args.model, input_size=args.image_size // 8)
+    return model.depth, args.batch_size, model.x_embedder.num_patches, model.pos_embed.shape[-1]
+
+
+def time_diversity_loss_alone(shapes, device, rounds):
+    """Median seconds of diversity_loss forward + backward on L random (N, T, D) block features."""
+    depth, n, t, d = shapes
+    feats = [torch.randn(n, t, d, device=device, requires_grad=True) for _ in range(depth)]
+    pairs = diversity_pairs(depth)
+    times = []
+    for _ in range(rounds + 1):  # the first round is a warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        diversity_loss(feats, pairs).total.backward()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.benchmark == "step":
+        bench_step(args, device)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", nargs="?", default="step", choices=["step"])
+    parser.add_argument("--model", default="SiT-B/2")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    main(parser.parse_args())

@@ -1,0 +1,263 @@
+"""The training objectives: flow matching, DiverseDiT's representation diversity loss, and its peers' terms.
+
+One function per term. Each returns per-sample (N,) or per-term tensors; train.py weights them in one line.
+Every term is computed in float32, whatever the autocast dtype of its inputs (REPA #46 was an fp16 overflow
+inside a normalisation).
+
+Shape legend: N batch, T tokens, D width, C, H, W latent channels and size, L blocks, Z encoder width.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Time convention (REPA's): t = 0 is data, t = 1 is noise. Official SiT uses the reverse; models.SiT(sit_time=True)
+# converts such checkpoints.
+DATA_TIME = 0.0
+NOISE_TIME = 1.0
+
+DIVERSITY_EPS = 1e-8      # the release's numerical-stability constant in every normalisation
+MAX_DIVERSITY_PAIRS = 10  # |P|: the release computes L_orth and L_MI on 10 block pairs (paper Appendix B)
+MAX_DIVERSITY_LOSS = 5.0  # the release clamps L_div above at this value
+MAX_USAGE_VARIANCE = 0.25  # the largest variance of a variable in [0, 1]: L_disp's normaliser in the release
+
+
+#################################################################################
+#                                 Flow matching                                 #
+#################################################################################
+
+def interpolant(t, path_type="linear"):
+    """α_t, σ_t and their time derivatives for x_t = α_t·x + σ_t·ε (REPA's `SILoss.interpolant`).
+
+    linear: α_t = 1 − t, σ_t = t (SiT's and REPA's default);  cosine: α_t = cos(πt/2), σ_t = sin(πt/2).
+    """
+    if path_type == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path_type == "cosine":
+        half_pi = math.pi / 2
+        return (torch.cos(half_pi * t), torch.sin(half_pi * t),
+                -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
+    raise ValueError(f"unknown path type {path_type!r}; choose 'linear' or 'cosine'")
+
+
+def sample_time(n, weighting="uniform", path_type="linear", device=None, generator=None):
+    """Training times t: (n,), drawn as REPA's `--weighting` does.
+
+    uniform:   t ~ U(0, 1).
+    lognormal: σ = exp(n), n ~ N(0, 1) (EDM's noise levels), mapped to t = σ / (1 + σ) on the linear path and
+               t = (2/π)·atan(σ) on the cosine path, i.e. the t at which σ_t / α_t = σ.
+    """
+    if weighting == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    if weighting == "lognormal":
+        sigma = torch.randn(n, device=device, generator=generator).exp()
+        if path_type == "linear":
+            return sigma / (1 + sigma)
+        if path_type == "cosine":
+            return 2 / math.pi * torch.atan(sigma)
+        raise ValueError(f"unknown path type {path_type!r}; choose 'linear' or 'cosine'")
+    raise ValueError(f"unknown time weighting {weighting!r}; choose 'uniform' or 'lognormal'")
+
+
+def interpolate(x, eps, t, path_type="linear"):
+    """The noisy input x_t = α_t·x + σ_t·ε and the velocity target v = α'_t·x + σ'_t·ε (linear path: v = ε − x).
+
+    x, eps: (N, C, H, W); t: (N,). Returns x_t, v, both (N, C, H, W).
+    """
+    alpha_t, sigma_t, d_alpha_t, d_sigma_t = (a.view(-1, 1, 1, 1) for a in interpolant(t, path_type))
+    return alpha_t * x + sigma_t * eps, d_alpha_t * x + d_sigma_t * eps
+
+
+def flow_matching_loss(v_pred, v_target):
+    """L_FM = ‖v_θ(x_t, t, y) − v‖², averaged over C, H, W (SiT / REPA). Per sample: (N,)."""
+    return (v_pred.float() - v_target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+#################################################################################
+#                            REPA: representation alignment                     #
+#################################################################################
+
+def repa_loss(projections, targets):
+    """L_REPA = −(1/K) Σ_k (1/T) Σ_t cos(h_φ,k(f)[n, t], z_k[n, t]) (Yu et al. 2025, REPA's `SILoss`). Per sample: (N,).
+
+    projections: K tensors (N, T, Z_k), the projector outputs h_φ,k of the aligned block's tokens f;
+    targets:     K tensors (N, T, Z_k), the frozen encoders' patch tokens z_k (DINOv2's `x_norm_patchtokens`).
+    """
+    if len(projections) != len(targets) or not projections:
+        raise ValueError(f"REPA needs one projector per encoder: got {len(projections)} projections "
+                         f"for {len(targets)} encoders")
+    per_encoder = []
+    for h, z in zip(projections, targets):
+        if h.shape != z.shape:
+            raise ValueError(f"projector output {tuple(h.shape)} does not match encoder tokens {tuple(z.shape)}")
+        cos = (F.normalize(h.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(dim=-1)  # (N, T)
+        per_encoder.append(-cos.mean(dim=1))                                                 # (N,)
+    return torch.stack(per_encoder).mean(dim=0)
+
+
+#################################################################################
+#                  DiverseDiT: representation diversity loss (Sec. 3.2)         #
+#################################################################################
+
+def diversity_pairs(depth, encoder_depth=None):
+    """The block pairs P on which L_orth and L_MI are computed, exactly as the authors' release builds them.
+
+    The paper (Appendix B) "randomly selects 10 layers"; the release uses this fixed list instead: at most 10
+    pairs (i, j), the inner index j running i+1 … L−1 and stopping at 10 pairs. The outer index i starts at 0
+    without REPA, and at 10 − encoder_depth − 1 with REPA (it runs to 10 + encoder_depth − 1, a bound that never
+    stops the loop before the 10 pairs are found in the release's settings). Examples with REPA: encoder_depth 8
+    gives block 1 against blocks 2…11; depth 12 with encoder_depth 4 gives (5, 6…11) and (6, 7…10).
+    Blocks are 0-indexed.
+    """
+    max_pairs = min(MAX_DIVERSITY_PAIRS, depth * (depth - 1) // 2)
+    if encoder_depth is None:
+        outer = range(depth)
+    else:
+        start = max_pairs - encoder_depth - 1
+        if start < 0:
+            raise ValueError(f"the release's pair rule starts at block {max_pairs} − encoder_depth − 1 = {start} "
+                             f"for encoder_depth {encoder_depth}; give the pairs explicitly instead")
+        outer = range(start, max_pairs + encoder_depth)
+    pairs = []
+    for i in outer:
+        for j in range(i + 1, depth):
+            if len(pairs) == max_pairs:
+                return pairs
+            pairs.append((i, j))
+    if not pairs:
+        raise ValueError(f"the release's pair rule finds no block pair for depth {depth} and encoder_depth "
+                         f"{encoder_depth}; give the pairs explicitly instead")
+    return pairs
+
+
+def _check_pairs(pairs, num_blocks):
+    """Explicit pairs are accepted anywhere; they must name two distinct existing blocks, i < j."""
+    if not pairs:
+        raise ValueError("the diversity loss needs at least one block pair")
+    for i, j in pairs:
+        if not 0 <= i < j < num_blocks:
+            raise ValueError(f"block pair ({i}, {j}) is not 0 ≤ i < j < {num_blocks}")
+
+
+def orthogonality_loss(feats, pairs):
+    """L_orth = (1/|P|) Σ_{(i,j)∈P} cos(μ_i, μ_j),  μ_l = (1/NT) Σ_{n,t} f_l[n, t, :] ∈ R^D  (paper Eqs. 9–10).
+
+    The signed cosine, neither squared nor absolute, as in the paper and the release. Range [−1, 1].
+    feats: L tensors (N, T, D); pairs: list of (i, j) block indices.
+    """
+    _check_pairs(pairs, len(feats))
+    blocks = sorted({b for pair in pairs for b in pair})
+    mu_hat = {b: F.normalize(feats[b].float().mean(dim=(0, 1)), dim=0, eps=DIVERSITY_EPS) for b in blocks}  # (D,)
+    return torch.stack([mu_hat[i] @ mu_hat[j] for i, j in pairs]).mean()
+
+
+def mutual_information_loss(feats, pairs):
+    """L_MI = (1/|P|) Σ_{(i,j)∈P} | (1/NT) Σ_{n,t} f̂_{i,n,t}ᵀ f̂_{j,n,t} |,  f̂_{l,n,t} = f_l[n,t,:] / ‖f_l[n,t,:]‖₂
+    (paper Eqs. 11–12).
+
+    Deviation from the printed equation: the absolute value per pair is the release's; the paper prints none.
+    With it, anti-correlated blocks are penalised like correlated ones. Range [0, 1].
+    """
+    _check_pairs(pairs, len(feats))
+    blocks = sorted({b for pair in pairs for b in pair})
+    # f̂_i·f̂_j = (f_i·f_j) / (‖f_i‖·‖f_j‖), norms clamped at eps as F.normalize does; computed this way no
+    # normalised copy of a block is materialised (half the time of normalising first, on the CPU).
+    inv_norm = {b: 1 / torch.linalg.vector_norm(feats[b].float(), dim=-1).clamp(min=DIVERSITY_EPS) for b in blocks}
+    cosines = [torch.linalg.vecdot(feats[i].float(), feats[j].float()) * inv_norm[i] * inv_norm[j]  # (N, T)
+               for i, j in pairs]
+    return torch.stack([cos.mean().abs() for cos in cosines]).mean()
+
+
+def dispersion_loss(feats):
+    """L_disp = −(1/D) Σ_k (a'_k − ā')²,  a' = a / max_k a_k  (paper Eqs. 13–14), in the release's form.
+
+    Each block is flattened to (NT, D) and every feature column is l2-normalised over the NT samples; its usage
+    is the mean absolute normalised activation. a is the usage averaged over blocks and a' = a / (max_k a_k + eps).
+    Deviations from the printed equations, all the release's: a averages over all L blocks (the paper: over P),
+    the usage takes |·|, and the variance is divided by 0.25 (its largest value for a' ∈ [0, 1]) and clamped to
+    [0, 1]. Minimising it maximises the spread of channel usage. Range [−1, 0].
+    """
+    # The mean of |x̂| down a column x normalised over its NT rows is ‖x‖₁ / (NT·max(‖x‖₂, eps)): two reductions,
+    # no normalised copy of the block.
+    usage = torch.stack([
+        torch.linalg.vector_norm(f.float(), 1, dim=(0, 1))
+        / (f.shape[0] * f.shape[1] * torch.linalg.vector_norm(f.float(), dim=(0, 1)).clamp(min=DIVERSITY_EPS))
+        for f in feats
+    ]).mean(dim=0)  # (D,): each block's usage, averaged over the L blocks
+    usage = usage / (usage.max() + DIVERSITY_EPS)
+    variance = (usage - usage.mean()).pow(2).mean()
+    return -(variance / MAX_USAGE_VARIANCE).clamp(0, 1)
+
+
+class DiversityLoss(NamedTuple):
+    total: torch.Tensor               # L_div, the term that train.py weights by adaptive_weight(L_div)
+    orthogonality: torch.Tensor       # L_orth
+    mutual_information: torch.Tensor  # L_MI
+    dispersion: torch.Tensor          # L_disp
+
+
+def diversity_loss(feats, pairs):
+    """L_div = λ_orth·L_orth + λ_MI·L_MI + λ_disp·L_disp with λ = 1/3 each (paper Eq. 15: "0.33"; the release
+    takes the mean of the three), clamped above at 5 and replaced by 0 if not finite, as in the release.
+
+    feats: the L block outputs (N, T, D), not detached; pairs: see `diversity_pairs`. Returns the total and
+    its three terms, all scalars. No host-device synchronisation: the release's per-pair finiteness checks and
+    Python branches on tensor values are replaced by one `torch.where` on the total.
+    """
+    if len(feats) < 2:
+        raise ValueError(f"the diversity loss compares blocks and needs at least 2, got {len(feats)}")
+    feats = [f.float() for f in feats]  # once, so that the three terms share the float32 copies
+    orth = orthogonality_loss(feats, pairs)
+    mi = mutual_information_loss(feats, pairs)
+    disp = dispersion_loss(feats)
+    total = ((orth + mi + disp) / 3).clamp(max=MAX_DIVERSITY_LOSS)
+    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    return DiversityLoss(total, orth, mi, disp)
+
+
+def adaptive_weight(l_div):
+    """w = 1 if L_div > 0.5;  (L_div − 0.1) / 0.5 if 0.1 < L_div ≤ 0.5;  0 otherwise  (paper Sec. 3.2).
+
+    It keeps L_div from being optimised towards 0, where training diverges (paper Table 8). The paper does not
+    say whether w is detached; the release does not detach it, and neither do we, so in the middle range the
+    gradient of w·L_div is (2·L_div − 0.1) / 0.5.
+    """
+    ramp = (l_div - 0.1) / 0.5
+    return torch.where(l_div > 0.5, torch.ones_like(l_div), torch.where(l_div > 0.1, ramp, torch.zeros_like(l_div)))
+
+
+#################################################################################
+#                  DispLoss (Wang & He 2025) and SRA (Jiang et al. 2025)         #
+#################################################################################
+
+def dispersive_loss(z, tau=1.0):
+    """L_Disp = log( (1/N²) Σ_{i,j} exp(−‖z_i − z_j‖² / (τ·d)) ), the InfoNCE-ℓ2 form of "Diffuse and Disperse".
+
+    z: (N, T, D), one block's output; each sample is flattened to d = T·D values and the squared distance is
+    divided by d, as the PyTorch release does. The mean runs over the full N×N matrix, diagonal included, on the
+    local batch. Scalar in [−log N, 0]: 0 when all samples are equal, −log N when they are far apart.
+    Defaults of the PyTorch release: τ = 1, weight 0.25, applied to the last block.
+    """
+    n = z.shape[0]
+    z = z.float().flatten(1)                      # (N, d)
+    sq_dist = F.pdist(z).pow(2) / z.shape[1]      # (N(N−1)/2,): the strict upper triangle
+    logits = -torch.cat([sq_dist, sq_dist, sq_dist.new_zeros(n)]) / tau  # all N² entries of the matrix
+    return torch.logsumexp(logits, dim=0) - math.log(n * n)
+
+
+def sra_teacher_time(t, t_max=0.2):
+    """SRA's teacher time t_T = clamp(t − t_max·u, 0, 1), u ~ U(0, 1): the teacher sees a less noisy input."""
+    return (t - t_max * torch.rand_like(t)).clamp(DATA_TIME, NOISE_TIME)
+
+
+def sra_loss(student, teacher, beta=0.05):
+    """L_SRA = smooth-L1_β(head(f_s^student), f_t^teacher), averaged over T and D (SRA's paper loss). Per sample: (N,).
+
+    student: (N, T, D), the SRA head applied to the student's block-s output; teacher: (N, T, D), the EMA
+    teacher's block-t output at the less noisy time, under stop-gradient. β = 0.05; weight 0.2 in the paper.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features differ")
+    elementwise = F.smooth_l1_loss(student.float(), teacher.detach().float(), beta=beta, reduction="none")
+    return elementwise.mean(dim=(1, 2))

@@ -1,0 +1,407 @@
+"""SiT with DiverseDiT's long residual connections, REPA projector heads and an SRA head.
+
+The backbone is the SiT of Ma et al. (2024), itself DiT's transformer (Peebles & Xie, 2023). With the paper's
+additions switched off, the state-dict keys and shapes equal the official ones, so that willisma/SiT's
+`SiT-XL-2-256.pt` (`learn_sigma=True`) and sihyun-yu/REPA's `last.pt` (`z_dims=[768]`) load with `strict=True`.
+
+Shape legend, used in every comment of this file:
+    N batch, T tokens (= H·W / p²), D width (hidden size), C channels, H, W latent height and width,
+    p patch size, L blocks (depth), Z width of an encoder's features (REPA).
+
+Time convention: REPA's. t = 0 is data and t = 1 is noise, x_t = (1 − t)·x + t·ε, and the network predicts
+v = ε − x (see losses.py). Official SiT checkpoints use the reverse; `sit_time=True` converts them.
+"""
+import math
+from functools import partial
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def modulate(x, shift, scale):
+    # x: (N, T, D); shift, scale: (N, D), broadcast over tokens.
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def mlp(*widths):
+    """Linear – SiLU – … – Linear through the given widths (REPA's projector, SRA's head)."""
+    layers = []
+    for d_in, d_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(d_in, d_out), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+#################################################################################
+#                    Embedding layers for patches, time and labels              #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches to D-dimensional tokens: one strided convolution."""
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)                       # (N, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)    # (N, T, D), tokens in row-major order
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t followed by a two-layer MLP (DiT's, with t in [0, 1] unscaled as SiT/REPA)."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """[cos(t·ω_k) | sin(t·ω_k)] with ω_k = max_period^(−k / (dim/2)), k = 0 … dim/2 − 1."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]                      # (N, dim/2)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        # Cast to the MLP's dtype so a low-precision model (no autocast) accepts fp32 features.
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))        # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table; row `num_classes` is the null class used for classifier-free guidance.
+
+    In training, each label is replaced by the null class with probability `dropout_prob` (DiT/SiT/REPA: 0.1).
+    """
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        # As in DiT: the extra null row exists only when labels are dropped in training.
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, y):
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)  # (N, D)
+
+
+#################################################################################
+#                                 Core SiT model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's layout: keys `qkv`, `proj`)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3, heads, D/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                           # 3 × (N, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)                              # (N, heads, T, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))                     # (N, T, D)
+
+
+class Mlp(nn.Module):
+    """Token-wise MLP with tanh-approximated GELU (timm's layout: keys `fc1`, `fc2`)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning: c gives shift, scale and a gate for each residual branch."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        # x: (N, T, D); c: (N, D). Six (N, D) modulation vectors.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map from each token to its p×p×C patch."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p·p·C)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 and returned in the input's dtype (the authors' release does the same)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class SkipLinear(nn.Module):
+    """The Linear(2D → D) of a long residual connection.
+
+    Wrapped in its own module only so that the state-dict keys (`skip_linears.k.linear.*`) are those of the
+    authors' release, whose checkpoints then load unchanged.
+    """
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.linear = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class SiT(nn.Module):
+    """SiT with DiverseDiT's long residual connections, REPA projectors and an SRA head, each optional.
+
+    Long residual connections (paper Sec. 3.1, Eq. 8): f_l = Linear(Norm(f_i ⊕ f_{l−1})). As in the authors'
+    release, with 0-indexed blocks, after block j for j = ⌊L/2⌋ … L−1 the hidden state becomes
+    Linear_k(LayerNorm_k([x ‖ out_{L−1−j}])) with k = j − ⌊L/2⌋: the deepest block is fused with block 0's
+    output and feeds the final layer. The fused tensor replaces x; there is no extra additive residual.
+    """
+
+    def __init__(
+        self,
+        input_size=32,            # latent height and width (32 for 256 px images through the SD-VAE)
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,   # DiT/SiT/REPA label dropout for classifier-free guidance
+        num_classes=1000,
+        learn_sigma=False,        # True for official SiT/DiT checkpoints: 2·C outputs, the second C discarded
+        sit_time=False,           # weights trained in SiT's time convention (t = 1 data); see forward()
+        long_residual=False,      # DiverseDiT's long residual connections (paper Sec. 3.1)
+        z_dims=(),                # REPA: one projector per target encoder, with that encoder's width
+        encoder_depth=8,          # REPA: the projectors read the output of this block (1-indexed)
+        projector_dim=2048,       # REPA: hidden width of the projector MLP
+        sra_depth=None,           # SRA: the student block (1-indexed) whose output goes through the SRA head
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        if long_residual and depth % 2:
+            raise ValueError(f"long residual connections pair block i with block L−1−i and need an even depth, "
+                             f"got {depth}")
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"REPA encoder_depth must be in 1..{depth}, got {encoder_depth}")
+        if sra_depth is not None and not 1 <= sra_depth <= depth:
+            raise ValueError(f"SRA student depth must be in 1..{depth}, got {sra_depth}")
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.depth = depth
+        self.num_classes = num_classes  # also the index of the null class
+        self.sit_time = sit_time
+        self.long_residual = long_residual
+        self.encoder_depth = encoder_depth
+        self.sra_depth = sra_depth
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # A frozen parameter, not a buffer, so that the key is in the official state dicts.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        if long_residual:
+            self.skip_norms = nn.ModuleList([LayerNorm32(2 * hidden_size, eps=1e-6) for _ in range(depth // 2)])
+            self.skip_linears = nn.ModuleList([SkipLinear(hidden_size) for _ in range(depth // 2)])
+        self.projectors = nn.ModuleList([mlp(hidden_size, projector_dim, projector_dim, z) for z in z_dims])
+        if sra_depth is not None:
+            self.sra_head = mlp(hidden_size, 2 * hidden_size, hidden_size)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Every Linear (fusions and heads included, as in the authors' release): xavier-uniform, zero bias.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        # Fixed 2-D sin-cos position embedding.
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size))
+
+        # The patch embedding is initialised like a Linear on its flattened (D, C·p·p) weight.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity and the network outputs exactly 0.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        # x: (N, T, p·p·C) → (N, C, H, W)
+        p, c, h = self.patch_size, self.out_channels, self.x_embedder.grid_size
+        x = x.reshape(x.shape[0], h, h, p, p, c)       # (N, H/p, W/p, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)          # (N, C, H/p, p, W/p, p)
+        return x.reshape(x.shape[0], c, h * p, h * p)  # (N, C, H, W)
+
+    def forward(self, x, t, y, return_features=False):
+        """Velocity v(x_t, t | y) in this project's time convention.
+
+        x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) class labels, `num_classes` = null.
+        Returns v: (N, C, H, W). With `return_features`, returns (v, Features) where Features holds the outputs
+        of all L blocks (after any long-residual fusion, before the final layer, not detached), the REPA
+        projector outputs and the SRA head's output. Without it, none of these is computed or kept.
+
+        With `sit_time`, the weights expect SiT's convention (t = 1 data, v = x − ε), and this returns
+        v(x, t) = −v_sit(x, 1 − t), the same velocity field in this project's convention.
+        """
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(f"expected input of shape (N, {self.in_channels}, {self.input_size}, "
+                             f"{self.input_size}), got {tuple(x.shape)}")
+        if self.sit_time:
+            t = 1 - t
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+
+        half = self.depth // 2
+        skips, blocks, repa = [], [], []
+        sra = None
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)  # (N, T, D)
+            if self.long_residual and i >= half:
+                # Long residual: fuse with the output of block L−1−i (LIFO over the shallow half).
+                k = i - half
+                x = self.skip_linears[k](self.skip_norms[k](torch.cat([x, skips.pop()], dim=-1)))  # (N, T, D)
+            elif self.long_residual:
+                skips.append(x)
+            if return_features:
+                blocks.append(x)
+                if i + 1 == self.encoder_depth:
+                    repa = [projector(x) for projector in self.projectors]  # each (N, T, Z)
+                if i + 1 == self.sra_depth:
+                    sra = self.sra_head(x)  # (N, T, D)
+        x = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
+        if self.out_channels != self.in_channels:
+            x = x[:, :self.in_channels]  # learn_sigma: drop the variance channels, as SiT does
+        if self.sit_time:
+            x = -x
+        return (x, Features(blocks, repa, sra)) if return_features else x
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, interval=(0.0, 1.0)):
+        """Classifier-free guidance on all channels: v = v(∅) + s·(v(y) − v(∅)) where low ≤ t ≤ high.
+
+        Outside the interval [low, high] of t, the conditional prediction is used unguided (the guidance interval
+        of Kynkäänniemi et al. 2024, as REPA applies it). Where guidance applies, the conditional and
+        unconditional predictions come from one batched forward; where it applies to no sample, only the
+        conditional forward runs.
+        """
+        if self.y_embedder.embedding_table.num_embeddings == self.num_classes:
+            raise ValueError("this model has no null class (class_dropout_prob=0), so it cannot be guided")
+        low, high = interval
+        guided = (t >= low) & (t <= high)  # (N,)
+        if cfg_scale == 1.0 or not bool(guided.any()):
+            return self(x, t, y)
+        y_null = torch.full_like(y, self.num_classes)
+        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)
+        v_guided = v_uncond + cfg_scale * (v_cond - v_uncond)
+        return torch.where(guided[:, None, None, None], v_guided, v_cond)
+
+
+class Features(NamedTuple):
+    """What `SiT.forward(..., return_features=True)` returns beside the velocity."""
+    blocks: list            # L tensors (N, T, D): each block's output after its long-residual fusion, if any
+    repa: list              # one (N, T, Z) per REPA projector; empty without projectors
+    sra: Optional[Tensor]   # (N, T, D): the SRA head on block `sra_depth`'s output, or None
+
+
+#################################################################################
+#                   Fixed 2-D sine-cosine position embedding                    #
+#################################################################################
+
+def get_1d_sincos_pos_embed(dim, pos):
+    """[sin(pos·ω_k) | cos(pos·ω_k)] with ω_k = 10000^(−k / (dim/2)); pos: (M,) → (M, dim), in float64."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(dim, grid_size):
+    """MAE's 2-D embedding, (1, T, dim) in float32: the first dim/2 channels encode a token's column, the last
+    dim/2 its row (MAE's meshgrid puts the w coordinate first), tokens in row-major order."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = coords.repeat_interleave(grid_size), coords.repeat(grid_size)  # (T,) each
+    emb = torch.cat([get_1d_sincos_pos_embed(dim // 2, cols), get_1d_sincos_pos_embed(dim // 2, rows)], dim=1)
+    return emb.float().unsqueeze(0)
+
+
+#################################################################################
+#                                  SiT configs                                  #
+#################################################################################
+
+# Size: (depth L, width D, heads), as in DiT/SiT Table 1. "Tiny" is ours, for CPU smoke runs and tests.
+SIT_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "Tiny": (8, 128, 4),
+}
+
+SiT_models = {
+    f"SiT-{size}/{p}": partial(SiT, depth=depth, hidden_size=width, num_heads=heads, patch_size=p)
+    for size, (depth, width, heads) in SIT_SIZES.items()
+    for p in (2, 4, 8)
+}
+
+
+def build_model(name, **kwargs):
+    """Instantiate a registry entry by its paper name, e.g. build_model("SiT-XL/2", long_residual=True)."""
+    if name not in SiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SiT_models)}")
+    return SiT_models[name](**kwargs)

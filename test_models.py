@@ -1,0 +1,337 @@
+"""CPU checks of models.py: registry, official checkpoint layout, adaLN-Zero, long residuals, features, CFG."""
+import pytest
+import torch
+
+import models
+from models import SiT, build_model
+
+# Parameter counts with 4 output channels, computed from the architecture (DiT/SiT/REPA; fast-DiT logs
+# 675,129,632 for XL/2 with learn_sigma).
+PAPER_PARAMS = {"SiT-S/2": 32_957_200, "SiT-B/2": 130_500_112, "SiT-L/2": 458_086_416, "SiT-XL/2": 675_111_184}
+TINY = dict(input_size=8, depth=4, hidden_size=32, num_heads=2, patch_size=2, num_classes=10)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomize(model, seed=0):
+    """Random weights everywhere (adaLN-Zero would make every output 0 and every comparison trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def inputs(n=3, size=8, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, size, size, generator=g), torch.rand(n, generator=g),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+# ---------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("name", sorted(models.SiT_models))
+def test_every_registry_entry_builds_with_the_right_output_shape(name):
+    with torch.device("meta"):
+        model = build_model(name)
+        v = model(torch.zeros(2, 4, 32, 32), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    assert v.shape == (2, 4, 32, 32)
+    depth, width, heads = models.SIT_SIZES[name[4:-2]]
+    assert (len(model.blocks), model.pos_embed.shape[-1], model.blocks[0].attn.num_heads) == (depth, width, heads)
+    assert model.patch_size == int(name[-1])
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_parameter_counts_match_the_papers(name):
+    with torch.device("meta"):
+        assert count_params(build_model(name)) == PAPER_PARAMS[name]
+
+
+def test_long_residuals_add_half_depth_fusions_of_layernorm_and_linear():
+    # Each fusion: LayerNorm(2D) affine (4D) + Linear(2D → D) with bias (2D² + D). XL: 14 fusions.
+    with torch.device("meta"):
+        plain, diverse = build_model("SiT-XL/2"), build_model("SiT-XL/2", long_residual=True)
+    d = 1152
+    assert count_params(diverse) - count_params(plain) == 14 * (4 * d + 2 * d * d + d)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'SiT-XXL/2'"):
+        build_model("SiT-XXL/2")
+
+
+def test_bad_configurations_and_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="even depth"):
+        SiT(**{**TINY, "depth": 5}, long_residual=True)
+    with pytest.raises(ValueError, match="encoder_depth"):
+        SiT(**TINY, z_dims=[16], encoder_depth=5)
+    with pytest.raises(ValueError, match="SRA"):
+        SiT(**TINY, sra_depth=0)
+    with pytest.raises(ValueError, match="expected input of shape"):
+        SiT(**TINY)(torch.zeros(2, 4, 16, 16), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- official checkpoint layout
+
+
+def official_sit_shapes(depth, d, patch, out_channels, tokens, num_classes=1000):
+    """The state-dict layout of willisma/SiT's and facebookresearch/DiT's SiT/DiT (timm blocks, no norm keys)."""
+    shapes = {
+        "pos_embed": (1, tokens, d),
+        "x_embedder.proj.weight": (d, 4, patch, patch),
+        "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (num_classes + 1, d),
+    }
+    for i in range(depth):
+        shapes.update({
+            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
+            f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
+            f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
+            f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
+        })
+    shapes.update({
+        "final_layer.linear.weight": (patch * patch * out_channels, d),
+        "final_layer.linear.bias": (patch * patch * out_channels,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    })
+    return shapes
+
+
+def state_dict_shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_sit_xl2_layout_equals_the_official_learn_sigma_checkpoint():
+    with torch.device("meta"):
+        model = build_model("SiT-XL/2", learn_sigma=True)
+    assert state_dict_shapes(model) == official_sit_shapes(28, 1152, 2, 8, 256)
+
+
+def test_repa_xl2_layout_equals_the_official_last_pt():
+    with torch.device("meta"):
+        model = build_model("SiT-XL/2", z_dims=[768], encoder_depth=8)
+    expected = official_sit_shapes(28, 1152, 2, 4, 256)
+    expected.update({"projectors.0.0.weight": (2048, 1152), "projectors.0.0.bias": (2048,),
+                     "projectors.0.2.weight": (2048, 2048), "projectors.0.2.bias": (2048,),
+                     "projectors.0.4.weight": (768, 2048), "projectors.0.4.bias": (768,)})
+    assert state_dict_shapes(model) == expected
+
+
+def test_learn_sigma_discards_the_variance_channels():
+    model = randomize(SiT(**TINY, learn_sigma=True))
+    raw = []
+    model.final_layer.register_forward_hook(lambda m, args, out: raw.append(out))
+    v = model(*inputs())
+    full = model.unpatchify(raw[0])  # (N, 2C, H, W): the network does predict 2·C channels
+    assert full.shape[1] == 8
+    torch.testing.assert_close(v, full[:, :4])
+
+
+def test_saved_and_reloaded_state_dict_gives_identical_outputs(tmp_path):
+    model = randomize(SiT(**TINY, long_residual=True, z_dims=[16], encoder_depth=2, sra_depth=1))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    reloaded = SiT(**TINY, long_residual=True, z_dims=[16], encoder_depth=2, sra_depth=1).eval()
+    reloaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+    x, t, y = inputs()
+    (v1, f1), (v2, f2) = model(x, t, y, return_features=True), reloaded(x, t, y, return_features=True)
+    assert torch.equal(v1, v2) and torch.equal(f1.repa[0], f2.repa[0]) and torch.equal(f1.sra, f2.sra)
+
+
+def test_long_residual_keys_are_the_authors_release_keys():
+    keys = set(SiT(**TINY, long_residual=True).state_dict())
+    for k in range(2):
+        assert {f"skip_norms.{k}.weight", f"skip_norms.{k}.bias",
+                f"skip_linears.{k}.linear.weight", f"skip_linears.{k}.linear.bias"} <= keys
+    assert not any(key.startswith("skip_") for key in SiT(**TINY).state_dict())
+
+
+# ---------------------------------------------------------------- initialisation and embeddings
+
+
+def test_adaln_zero_gives_exactly_zero_output_and_identity_blocks_at_init():
+    torch.manual_seed(0)
+    model = SiT(**TINY).eval()
+    x, t, y = inputs()
+    v, feats = model(x, t, y, return_features=True)
+    assert torch.equal(v, torch.zeros_like(v))
+    tokens = model.x_embedder(x) + model.pos_embed
+    for f in feats.blocks:  # every block is the identity at init
+        assert torch.equal(f, tokens)
+
+
+def test_long_residual_model_also_outputs_zero_at_init():
+    model = SiT(**TINY, long_residual=True).eval()
+    v = model(*inputs())
+    assert torch.equal(v, torch.zeros_like(v))
+
+
+def test_timestep_embedding_is_cos_then_sin_of_unscaled_t():
+    t = torch.tensor([0.0, 0.3, 1.0])
+    emb = models.TimestepEmbedder.timestep_embedding(t, 256)
+    k = torch.arange(128, dtype=torch.float32)
+    freqs = 10000.0 ** (-k / 128)
+    torch.testing.assert_close(emb[:, :128], torch.cos(t[:, None] * freqs))
+    torch.testing.assert_close(emb[:, 128:], torch.sin(t[:, None] * freqs))
+
+
+def test_2d_position_embedding_encodes_column_then_row():
+    dim, grid = 16, 4
+    pe = models.get_2d_sincos_pos_embed(dim, grid)[0]  # (T, dim)
+    omega = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
+    row, col = 2, 3  # token 2·4 + 3 = 11 in row-major order
+    expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega),
+                          torch.sin(row * omega), torch.cos(row * omega)]).float()
+    torch.testing.assert_close(pe[row * grid + col], expected)
+    assert not SiT(**TINY).pos_embed.requires_grad
+
+
+def test_label_dropout_uses_the_null_class_only_in_training():
+    emb = models.LabelEmbedder(num_classes=10, hidden_size=4, dropout_prob=0.5)
+    y = torch.arange(10).repeat(100)
+    torch.manual_seed(0)
+    dropped = (emb(y) == emb.embedding_table.weight[10]).all(dim=1).float().mean()
+    assert 0.4 < dropped < 0.6
+    emb.eval()
+    torch.testing.assert_close(emb(y), emb.embedding_table(y))
+
+
+# ---------------------------------------------------------------- long residual connections
+
+
+def test_long_residual_fuses_block_j_with_block_L_minus_1_minus_j():
+    """Recompute the forward by hand: after block j ≥ L/2, x ← Linear(LayerNorm([x ‖ out_{L−1−j}]))."""
+    model = randomize(SiT(**{**TINY, "depth": 6}, long_residual=True))
+    x, t, y = inputs()
+    h = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y)
+    outputs = {}
+    for j, block in enumerate(model.blocks):
+        h = block(h, c)
+        if j >= 3:
+            partner = outputs[5 - j]
+            norm, linear = model.skip_norms[j - 3], model.skip_linears[j - 3].linear
+            h = linear(torch.nn.functional.layer_norm(torch.cat([h, partner], -1), (64,), norm.weight, norm.bias, 1e-6))
+        outputs[j] = h
+    v_hand = model.unpatchify(model.final_layer(h, c))
+    v, feats = model(x, t, y, return_features=True)
+    torch.testing.assert_close(v, v_hand)
+    for j in range(6):
+        torch.testing.assert_close(feats.blocks[j], outputs[j])  # features are taken after the fusion
+
+
+def test_fusion_layernorm_runs_in_float32():
+    norm = models.LayerNorm32(8, eps=1e-6)
+    x = torch.randn(2, 3, 8) * 300
+    out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x.bfloat16().float(), (8,), eps=1e-6).bfloat16())
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_features_do_not_change_the_velocity_and_have_the_documented_shapes():
+    model = randomize(SiT(**TINY, long_residual=True, z_dims=[16, 24], encoder_depth=3, sra_depth=2))
+    x, t, y = inputs()
+    v_plain = model(x, t, y)
+    v, feats = model(x, t, y, return_features=True)
+    assert torch.equal(v, v_plain)
+    assert len(feats.blocks) == 4 and all(f.shape == (3, 16, 32) for f in feats.blocks)
+    assert [z.shape for z in feats.repa] == [(3, 16, 16), (3, 16, 24)]
+    torch.testing.assert_close(feats.repa[1], model.projectors[1](feats.blocks[2]))  # block 3, 1-indexed
+    torch.testing.assert_close(feats.sra, model.sra_head(feats.blocks[1]))            # block 2, 1-indexed
+    assert feats.blocks[0].requires_grad  # not detached: the diversity loss trains through them
+
+
+def test_forward_with_features_traces_without_graph_breaks():
+    model = randomize(SiT(**TINY, long_residual=True, z_dims=[16], encoder_depth=2))
+    x, t, y = inputs()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    v, feats = compiled(x, t, y, return_features=True)
+    torch.testing.assert_close(v, model(x, t, y))
+
+
+# ---------------------------------------------------------------- time convention and guidance
+
+
+def test_sit_time_runs_a_sit_convention_model_in_ours():
+    """v_ours(x, t) = −v_sit(x, 1 − t): the same weights read as a SiT-convention network."""
+    sit = randomize(SiT(**TINY, learn_sigma=True))
+    ours = SiT(**TINY, learn_sigma=True, sit_time=True).eval()
+    ours.load_state_dict(sit.state_dict())
+    x, t, y = inputs()
+    torch.testing.assert_close(ours(x, t, y), -sit(x, 1 - t, y))
+
+
+def test_sit_time_on_a_known_field_gives_the_velocity_of_our_interpolant():
+    """A SiT-convention oracle for one data point x*: z_s = s·x* + (1 − s)·ε, v_sit = x* − ε. Through the
+    conversion, at our t = 1 − s the same z must get our velocity ε − x*."""
+    x_star = torch.randn(1, 4, 8, 8)
+
+    class Oracle(SiT):
+        def unpatchify(self, h):  # the exact SiT velocity of the (z, s) that the network was given
+            s = self.seen_t[:, None, None, None]
+            eps = (self.seen_z - s * x_star) / (1 - s)
+            return x_star - eps
+
+    oracle = Oracle(**TINY, sit_time=True).eval()
+    oracle.x_embedder.register_forward_pre_hook(lambda m, args: setattr(oracle, "seen_z", args[0]))
+    oracle.t_embedder.register_forward_pre_hook(lambda m, args: setattr(oracle, "seen_t", args[0]))
+    eps = torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    x_t = (1 - t)[:, None, None, None] * x_star + t[:, None, None, None] * eps  # our interpolant
+    torch.testing.assert_close(oracle(x_t, t, torch.zeros(3, dtype=torch.long)), eps - x_star)
+
+
+def test_cfg_scale_one_is_the_conditional_prediction():
+    model = randomize(SiT(**TINY))
+    x, t, y = inputs()
+    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), model(x, t, y))
+
+
+def test_cfg_guides_all_channels():
+    model = randomize(SiT(**TINY))
+    x, t, y = inputs()
+    v_cond = model(x, t, y)
+    v_uncond = model(x, t, torch.full_like(y, model.num_classes))
+    v = model.forward_with_cfg(x, t, y, 4.0)
+    torch.testing.assert_close(v, v_uncond + 4.0 * (v_cond - v_uncond))
+    assert (v - v_cond).abs().amax(dim=(0, 2, 3)).min() > 0  # every channel moved, not DiT's first three
+
+
+def test_cfg_interval_boundaries_are_inclusive_and_per_sample():
+    model = randomize(SiT(**TINY))
+    x, _, y = inputs()
+    t = torch.tensor([0.69, 0.7, 0.71])
+    v_cond = model(x, t, y)
+    v_uncond = model(x, t, torch.full_like(y, model.num_classes))
+    v = model.forward_with_cfg(x, t, y, 2.0, interval=(0.0, 0.7))
+    guided = v_uncond + 2.0 * (v_cond - v_uncond)
+    torch.testing.assert_close(v[:2], guided[:2])  # t = 0.69 and t = 0.7 are inside [0, 0.7]
+    torch.testing.assert_close(v[2:], v_cond[2:])  # t = 0.71 is not
+    v_low = model.forward_with_cfg(x, torch.full((3,), 0.3), y, 2.0, interval=(0.3, 1.0))
+    v_low_cond = model(x, torch.full((3,), 0.3), y)
+    assert not torch.allclose(v_low, v_low_cond)   # t = low is inside too
+
+
+def test_cfg_outside_the_interval_runs_one_conditional_forward():
+    model = randomize(SiT(**TINY))
+    x, _, y = inputs()
+    batch_sizes = []
+    model.x_embedder.register_forward_hook(lambda m, args, out: batch_sizes.append(out.shape[0]))
+    model.forward_with_cfg(x, torch.full((3,), 0.9), y, 2.0, interval=(0.0, 0.7))
+    model.forward_with_cfg(x, torch.full((3,), 0.5), y, 2.0, interval=(0.0, 0.7))
+    assert batch_sizes == [3, 6]
+
+
+def test_cfg_needs_a_null_class():
+    model = SiT(**{**TINY, "class_dropout_prob": 0.0})
+    with pytest.raises(ValueError, match="null class"):
+        model.forward_with_cfg(*inputs(), 2.0)
