@@ -1,13 +1,13 @@
 """The speed figures this project quotes, each measured by one command.
 
-    python bench.py step [--model SiT-B/2 --batch-size 8 --steps 5]
+    python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10]
 
 step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
 device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (`--diverse`).
-The variants run interleaved, round after round, so that drifts of the machine's speed hit all of them alike;
-the median seconds per step and the ratio to plain SiT are printed as a Markdown table. Whole CPU steps vary
-by a few per cent from round to round, so the diversity loss is also timed on its own (forward and backward on
-block features of the step's shapes), which resolves its share of a step far more precisely.
+The variants run interleaved, round after round, and each is compared with plain SiT in the same round;
+medians are printed as a Markdown table. Whole CPU steps vary by a few per cent from round to round, so the
+diversity loss is also timed on its own (forward and backward on block features of the step's shapes), which
+resolves its share of a step far more precisely.
 """
 import argparse
 import statistics
@@ -66,24 +66,28 @@ def bench_step(args, device):
         for _ in range(args.warmup):
             steps[name](x, eps, t, y)
 
-    times = {name: [] for name in VARIANTS}
-    for _ in range(args.steps):
-        for name, step in steps.items():
+    # Round after round, each variant runs once, in an order rotated every round; a variant's cost is the median
+    # over rounds of its time divided by plain SiT's time in the same round, which cancels slow drifts of the
+    # machine's speed.
+    names = list(VARIANTS)
+    times = {name: [] for name in names}
+    for r in range(args.steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             synchronize(device)
             start = time.perf_counter()
-            step(x, eps, t, y)
+            steps[name](x, eps, t, y)
             synchronize(device)
             times[name].append(time.perf_counter() - start)
 
     base = statistics.median(times["SiT"])
     loss_alone = time_diversity_loss_alone(feature_shapes(args), device, rounds=5 * args.steps)
     print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px, fp32, {device.type} "
-          f"({torch.get_num_threads()} threads), median of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| variant | s / step | vs SiT |")
+          f"({torch.get_num_threads()} threads), {args.steps} rounds after {args.warmup} warm-up steps\n")
+    print("| variant | s / step (median) | vs SiT (median of per-round ratios) |")
     print("|---|---|---|")
     for name, ts in times.items():
-        median = statistics.median(ts)
-        print(f"| {name} | {median:.3f} | {median / base:.3f}× |")
+        ratio = statistics.median(a / b for a, b in zip(ts, times["SiT"]))
+        print(f"| {name} | {statistics.median(ts):.3f} | {ratio:.3f}× |")
     print(f"| L_div alone (forward + backward) | {loss_alone:.3f} | {loss_alone / base:.1%} of a SiT step |")
 
 
@@ -121,7 +125,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="SiT-B/2")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step per variant each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     main(parser.parse_args())

@@ -151,6 +151,52 @@ def test_diversity_loss_is_the_mean_of_its_terms_and_keeps_the_gradient():
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
 
 
+def naive_diversity_terms(feats, pairs):
+    """The three terms written the release's way, normalising copies of the features first."""
+    orth = torch.stack([F.cosine_similarity(feats[i].mean(dim=(0, 1)), feats[j].mean(dim=(0, 1)), dim=0)
+                        for i, j in pairs]).mean()
+    mi = torch.stack([(F.normalize(feats[i], dim=-1) * F.normalize(feats[j], dim=-1)).sum(-1).mean().abs()
+                      for i, j in pairs]).mean()
+    usage = torch.stack([F.normalize(f.flatten(0, 1), dim=0).abs().mean(dim=0) for f in feats]).mean(dim=0)
+    usage = usage / usage.max()
+    disp = -(((usage - usage.mean()) ** 2).mean() / 0.25).clamp(0, 1)
+    return orth, mi, disp
+
+
+def test_diversity_terms_and_gradients_equal_the_naive_formulas():
+    torch.manual_seed(0)
+    feats = [(torch.randn(3, 5, 7, dtype=torch.float64) + torch.randn(7, dtype=torch.float64)).requires_grad_()
+             for _ in range(6)]
+    pairs = diversity_pairs(6)
+    ours = diversity_loss(feats, pairs)
+    naive = naive_diversity_terms([f.float() for f in feats], pairs)
+    for term, expected in zip(ours[1:], naive):
+        torch.testing.assert_close(term, expected)
+    grads = torch.autograd.grad(ours.total, feats)
+    naive_grads = torch.autograd.grad(sum(naive) / 3, feats)
+    for g, expected in zip(grads, naive_grads):
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_block_statistics_backward_is_autograds():
+    torch.manual_seed(0)
+    f = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: losses._BlockStatistics.apply(x), (f,))
+    # Zero columns and zero tokens get autograd's zero subgradient, not NaN.
+    z = torch.randn(2, 3, 4, dtype=torch.float64)
+    z[:, :, 1] = 0  # a zero column
+    z[0, 2] = 0     # a zero token
+    z.requires_grad_()
+    weights = [torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64),
+               torch.randn(4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
+    ours = sum((s * w).sum() for s, w in zip(losses._BlockStatistics.apply(z), weights))
+    reference = sum((s * w).sum() for s, w in zip(
+        (z.mean(dim=(0, 1)), torch.linalg.vector_norm(z, 1, dim=(0, 1)), torch.linalg.vector_norm(z, dim=(0, 1)),
+         torch.linalg.vector_norm(z, dim=-1)), weights))
+    (g,), (g_ref,) = torch.autograd.grad(ours, z), torch.autograd.grad(reference, z)
+    torch.testing.assert_close(g, g_ref)
+
+
 def test_diversity_loss_is_float32_for_low_precision_features():
     feats = [torch.randn(2, 8, 16).bfloat16() for _ in range(4)]
     out = diversity_loss(feats, diversity_pairs(4))
