@@ -238,15 +238,17 @@ class SiT(nn.Module):
         self.encoder_depth = encoder_depth
         self.sra_depth = sra_depth
 
+        if long_residual:
+            # Built first, as in the authors' release, so that a given seed draws the release's initial weights
+            # (without them, the official SiT / REPA ones).
+            self.skip_linears = nn.ModuleList([SkipLinear(hidden_size) for _ in range(depth // 2)])
+            self.skip_norms = nn.ModuleList([LayerNorm32(2 * hidden_size, eps=1e-6) for _ in range(depth // 2)])
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # A frozen parameter, not a buffer, so that the key is in the official state dicts.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        if long_residual:
-            self.skip_norms = nn.ModuleList([LayerNorm32(2 * hidden_size, eps=1e-6) for _ in range(depth // 2)])
-            self.skip_linears = nn.ModuleList([SkipLinear(hidden_size) for _ in range(depth // 2)])
         self.projectors = nn.ModuleList([mlp(hidden_size, projector_dim, projector_dim, z) for z in z_dims])
         if sra_depth is not None:
             self.sra_head = mlp(hidden_size, 2 * hidden_size, hidden_size)

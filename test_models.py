@@ -250,6 +250,17 @@ def test_features_do_not_change_the_velocity_and_have_the_documented_shapes():
     assert feats.blocks[0].requires_grad  # not detached: the diversity loss trains through them
 
 
+def test_bf16_autocast_forward_and_float32_diversity_loss():
+    from losses import diversity_loss, diversity_pairs
+    model = randomize(SiT(**TINY, long_residual=True, z_dims=[16], encoder_depth=2))
+    x, t, y = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, feats = model(x, t, y, return_features=True)
+        l_div = diversity_loss(feats.blocks, diversity_pairs(4)).total
+    torch.testing.assert_close(v.float(), model(x, t, y), atol=0.05, rtol=0.05)
+    assert l_div.dtype == torch.float32 and torch.isfinite(l_div)
+
+
 def test_forward_with_features_traces_without_graph_breaks():
     model = randomize(SiT(**TINY, long_residual=True, z_dims=[16], encoder_depth=2))
     x, t, y = inputs()
