@@ -3,7 +3,8 @@
     python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10]
 
 step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
-device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (`--diverse`).
+device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (what DiverseDiT
+adds to SiT).
 The variants run interleaved, round after round, and each is compared with plain SiT in the same round;
 medians are printed as a Markdown table. Whole CPU steps vary by a few per cent from round to round, so the
 diversity loss is also timed on its own (forward and backward on block features of the step's shapes), which
@@ -17,6 +18,9 @@ import torch
 
 from losses import adaptive_weight, diversity_loss, diversity_pairs, flow_matching_loss, interpolate
 from models import build_model
+
+LATENT_CHANNELS, VAE_DOWNSAMPLING = 4, 8  # SD-VAE latents: 4 channels at 1/8 of the image resolution
+LEARNING_RATE = 1e-4                      # SiT / REPA's AdamW learning rate (the step's cost does not depend on it)
 
 VARIANTS = {  # name: (long residual connections, diversity loss)
     "SiT": (False, False),
@@ -33,7 +37,7 @@ def synchronize(device):
 
 def make_train_step(model, with_diversity):
     """One step of the flow-matching objective, plus w(L_div)·L_div when asked (paper Sec. 3.2)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0)
     pairs = diversity_pairs(model.depth)
 
     def step(x, eps, t, y):
@@ -53,18 +57,18 @@ def make_train_step(model, with_diversity):
 
 def bench_step(args, device):
     torch.manual_seed(0)
-    latent = args.image_size // 8
-    x = torch.randn(args.batch_size, 4, latent, latent, device=device)
+    latent = args.image_size // VAE_DOWNSAMPLING
+    models = {name: build_model(args.model, input_size=latent, long_residual=long_residual).to(device).train()
+              for name, (long_residual, _) in VARIANTS.items()}
+    x = torch.randn(args.batch_size, LATENT_CHANNELS, latent, latent, device=device)
     eps = torch.randn_like(x)
     t = torch.rand(args.batch_size, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    y = torch.randint(0, models["SiT"].num_classes, (args.batch_size,), device=device)
 
-    steps = {}
-    for name, (long_residual, with_diversity) in VARIANTS.items():
-        model = build_model(args.model, input_size=latent, long_residual=long_residual).to(device).train()
-        steps[name] = make_train_step(model, with_diversity)
+    steps = {name: make_train_step(models[name], with_diversity) for name, (_, with_diversity) in VARIANTS.items()}
+    for step in steps.values():
         for _ in range(args.warmup):
-            steps[name](x, eps, t, y)
+            step(x, eps, t, y)
 
     # Round after round, each variant runs once, in an order rotated every round; a variant's cost is the median
     # over rounds of its time divided by plain SiT's time in the same round, which cancels slow drifts of the
@@ -80,7 +84,9 @@ def bench_step(args, device):
             times[name].append(time.perf_counter() - start)
 
     base = statistics.median(times["SiT"])
-    loss_alone = time_diversity_loss_alone(feature_shapes(args), device, rounds=5 * args.steps)
+    plain = models["SiT"]
+    shapes = (plain.depth, args.batch_size, plain.x_embedder.num_patches, plain.pos_embed.shape[-1])  # (L, N, T, D)
+    loss_alone = time_diversity_loss_alone(shapes, device, rounds=5 * args.steps)
     print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px, fp32, {device.type} "
           f"({torch.get_num_threads()} threads), {args.steps} rounds after {args.warmup} warm-up steps\n")
     print("| variant | s / step (median) | vs SiT (median of per-round ratios) |")
@@ -89,13 +95,6 @@ def bench_step(args, device):
         ratio = statistics.median(a / b for a, b in zip(ts, times["SiT"]))
         print(f"| {name} | {statistics.median(ts):.3f} | {ratio:.3f}× |")
     print(f"| L_div alone (forward + backward) | {loss_alone:.3f} | {loss_alone / base:.1%} of a SiT step |")
-
-
-def feature_shapes(args):
-    """(L, N, T, D) of the block features in the benchmarked step."""
-    with torch.device("meta"):
-        model = build_model(args.model, input_size=args.image_size // 8)
-    return model.depth, args.batch_size, model.x_embedder.num_patches, model.pos_embed.shape[-1]
 
 
 def time_diversity_loss_alone(shapes, device, rounds):

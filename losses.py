@@ -18,9 +18,11 @@ DATA_TIME = 0.0
 NOISE_TIME = 1.0
 
 DIVERSITY_EPS = 1e-8      # the release's numerical-stability constant in every normalisation
-MAX_DIVERSITY_PAIRS = 10  # |P|: the release computes L_orth and L_MI on 10 block pairs (paper Appendix B)
+MAX_DIVERSITY_PAIRS = 10  # |P|: the release's 10 block pairs (the paper's Appendix B speaks of 10 layers)
 MAX_DIVERSITY_LOSS = 5.0  # the release clamps L_div above at this value
 MAX_USAGE_VARIANCE = 0.25  # the largest variance of a variable in [0, 1]: L_disp's normaliser in the release
+ADAPTIVE_WEIGHT_RANGE = (0.1, 0.5)  # paper Sec. 3.2: w = 0 below, 1 above, a ramp in between
+ADAPTIVE_WEIGHT_SCALE = 0.5         # the ramp's divisor as printed, (L_div − 0.1) / 0.5 (not the range's width)
 
 
 #################################################################################
@@ -32,13 +34,17 @@ def interpolant(t, path_type="linear"):
 
     linear: α_t = 1 − t, σ_t = t (SiT's and REPA's default);  cosine: α_t = cos(πt/2), σ_t = sin(πt/2).
     """
+    _check_path(path_type)
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type == "cosine":
-        half_pi = math.pi / 2
-        return (torch.cos(half_pi * t), torch.sin(half_pi * t),
-                -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
-    raise ValueError(f"unknown path type {path_type!r}; choose 'linear' or 'cosine'")
+    half_pi = math.pi / 2
+    return (torch.cos(half_pi * t), torch.sin(half_pi * t),
+            -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
+
+
+def _check_path(path_type):
+    if path_type not in ("linear", "cosine"):
+        raise ValueError(f"unknown path type {path_type!r}; choose 'linear' or 'cosine'")
 
 
 def sample_time(n, weighting="uniform", path_type="linear", device=None, generator=None):
@@ -51,12 +57,9 @@ def sample_time(n, weighting="uniform", path_type="linear", device=None, generat
     if weighting == "uniform":
         return torch.rand(n, device=device, generator=generator)
     if weighting == "lognormal":
+        _check_path(path_type)
         sigma = torch.randn(n, device=device, generator=generator).exp()
-        if path_type == "linear":
-            return sigma / (1 + sigma)
-        if path_type == "cosine":
-            return 2 / math.pi * torch.atan(sigma)
-        raise ValueError(f"unknown path type {path_type!r}; choose 'linear' or 'cosine'")
+        return sigma / (1 + sigma) if path_type == "linear" else 2 / math.pi * torch.atan(sigma)
     raise ValueError(f"unknown time weighting {weighting!r}; choose 'uniform' or 'lognormal'")
 
 
@@ -93,7 +96,7 @@ def repa_loss(projections, targets):
             raise ValueError(f"projector output {tuple(h.shape)} does not match encoder tokens {tuple(z.shape)}")
         cos = (F.normalize(h.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(dim=-1)  # (N, T)
         per_encoder.append(-cos.mean(dim=1))                                                 # (N,)
-    return torch.stack(per_encoder).mean(dim=0)
+    return torch.stack(per_encoder).mean(dim=0)  # (K, N) → (N,)
 
 
 #################################################################################
@@ -131,69 +134,75 @@ def diversity_pairs(depth, encoder_depth=None):
     return pairs
 
 
-def _check_pairs(pairs, num_blocks):
-    """Explicit pairs are accepted anywhere; they must name two distinct existing blocks, i < j."""
+def paired_blocks(pairs, num_blocks):
+    """The blocks that P names, sorted. Explicit pairs are accepted anywhere; each must name two distinct
+    existing blocks, i < j."""
     if not pairs:
         raise ValueError("the diversity loss needs at least one block pair")
     for i, j in pairs:
         if not 0 <= i < j < num_blocks:
             raise ValueError(f"block pair ({i}, {j}) is not 0 ≤ i < j < {num_blocks}")
+    return sorted({b for pair in pairs for b in pair})
 
 
 class BlockStatistics(NamedTuple):
     """The reductions of one block's output f (N, T, D) that the three diversity terms are made of."""
-    mean: torch.Tensor        # μ = (1/NT) Σ_{n,t} f[n, t, :]             (D,)
-    column_l1: torch.Tensor   # Σ_{n,t} |f[n, t, d]|                      (D,)
-    column_l2: torch.Tensor   # (Σ_{n,t} f[n, t, d]²)^½                   (D,)
-    token_norm: torch.Tensor  # ‖f[n, t, :]‖₂                              (N, T)
+    column_l1: torch.Tensor   # Σ_{n,t} |f[n, t, d]|                       (D,)     for L_disp, every block
+    column_l2: torch.Tensor   # (Σ_{n,t} f[n, t, d]²)^½                    (D,)     for L_disp, every block
+    mean: torch.Tensor        # μ = (1/NT) Σ_{n,t} f[n, t, :]              (D,)     for L_orth, blocks in P
+    token_norm: torch.Tensor  # ‖f[n, t, :]‖₂                               (N, T)   for L_MI, blocks in P
 
 
 class _BlockStatistics(torch.autograd.Function):
     """`BlockStatistics` with one fused backward. Autograd would materialise one (N, T, D) gradient per
-    reduction and then add them up; this writes their sum in four passes over f, which halves the cost of the
-    whole diversity loss on the CPU. The gradients are autograd's (checked by gradcheck in the tests)."""
+    reduction and then add them up; this writes their sum in a few passes over f, which halves the cost of the
+    whole diversity loss on the CPU. The gradients are autograd's (checked by gradcheck in the tests). For a
+    block outside P, `mean` and `token_norm` are not computed (None)."""
 
     @staticmethod
-    def forward(ctx, f):
-        ctx.set_materialize_grads(False)  # a reduction that no term uses sends no gradient and costs nothing
-        stats = (f.mean(dim=(0, 1)), torch.linalg.vector_norm(f, 1, dim=(0, 1)),
-                 torch.linalg.vector_norm(f, dim=(0, 1)), torch.linalg.vector_norm(f, dim=-1))
-        ctx.save_for_backward(f, stats[2], stats[3])
-        return stats
+    def forward(ctx, f, in_pairs):
+        ctx.set_materialize_grads(False)  # an unused reduction sends no gradient and costs nothing
+        column_l1 = torch.linalg.vector_norm(f, 1, dim=(0, 1))  # (D,)
+        column_l2 = torch.linalg.vector_norm(f, dim=(0, 1))     # (D,)
+        mean = f.mean(dim=(0, 1)) if in_pairs else None         # (D,)
+        token_norm = torch.linalg.vector_norm(f, dim=-1) if in_pairs else None  # (N, T)
+        ctx.save_for_backward(f, column_l2, token_norm)
+        return column_l1, column_l2, mean, token_norm
 
     @staticmethod
-    def backward(ctx, g_mean, g_l1, g_l2, g_token):
-        f, column_l2, token_norm = ctx.saved_tensors
+    def backward(ctx, g_l1, g_l2, g_mean, g_token):
+        f, column_l2, token_norm = ctx.saved_tensors  # f: (N, T, D)
         n, t, _ = f.shape
         grad = torch.zeros_like(f)
-        if g_mean is not None:  # ∂μ_d/∂f[n,t,d] = 1/NT
-            grad += g_mean / (n * t)
-        if g_l1 is not None:    # ∂‖f_d‖₁/∂f[n,t,d] = sign(f[n,t,d])
+        if g_l1 is not None:     # ∂‖f_d‖₁/∂f[n,t,d] = sign(f[n,t,d]); g_l1 (D,) broadcasts over (N, T)
             grad.addcmul_(f.sign(), g_l1)
-        if g_l2 is not None:    # ∂‖f_d‖₂/∂f[n,t,d] = f[n,t,d] / ‖f_d‖₂, and 0 for a zero column (as autograd)
-            grad.addcmul_(f, torch.where(column_l2 > 0, g_l2 / column_l2, 0))
+        if g_l2 is not None:     # ∂‖f_d‖₂/∂f[n,t,d] = f[n,t,d] / ‖f_d‖₂, and 0 for a zero column (as autograd)
+            grad.addcmul_(f, torch.where(column_l2 > 0, g_l2 / column_l2, 0))                 # (D,)
+        if g_mean is not None:   # ∂μ_d/∂f[n,t,d] = 1/NT
+            grad += g_mean / (n * t)                                                          # (D,)
         if g_token is not None:  # ∂‖f[n,t]‖₂/∂f[n,t,d] = f[n,t,d] / ‖f[n,t]‖₂, and 0 for a zero token
-            grad.addcmul_(f, torch.where(token_norm > 0, g_token / token_norm, 0).unsqueeze(-1))
-        return grad
+            grad.addcmul_(f, torch.where(token_norm > 0, g_token / token_norm, 0).unsqueeze(-1))  # (N, T, 1)
+        return grad, None
 
 
-def block_statistics(feats):
-    """`BlockStatistics` of each block, in float32. feats: L tensors (N, T, D)."""
-    return [BlockStatistics(*_BlockStatistics.apply(f.float())) for f in feats]
+def block_statistics(feats, pairs=()):
+    """`BlockStatistics` of each block, in float32. feats: L tensors (N, T, D); pairs: the block pairs P, whose
+    blocks also get `mean` and `token_norm`."""
+    in_pairs = {b for pair in pairs for b in pair}
+    return [BlockStatistics(*_BlockStatistics.apply(f.float(), b in in_pairs)) for b, f in enumerate(feats)]
 
 
 def orthogonality_loss(feats, pairs, stats=None):
     """L_orth = (1/|P|) Σ_{(i,j)∈P} cos(μ_i, μ_j),  μ_l = (1/NT) Σ_{n,t} f_l[n, t, :] ∈ R^D  (paper Eqs. 9–10).
 
     The signed cosine, neither squared nor absolute, as in the paper and the release. Range [−1, 1].
-    feats: L tensors (N, T, D); pairs: list of (i, j) block indices; stats: `block_statistics(feats)` when the
+    feats: L tensors (N, T, D); pairs: list of (i, j) block indices; stats: `block_statistics(feats, pairs)` when the
     caller has them already (`diversity_loss` shares them among the three terms).
     """
-    _check_pairs(pairs, len(feats))
-    stats = stats or block_statistics(feats)
-    blocks = sorted({b for pair in pairs for b in pair})
-    mu_hat = {b: F.normalize(stats[b].mean, dim=0, eps=DIVERSITY_EPS) for b in blocks}  # (D,)
-    return torch.stack([mu_hat[i] @ mu_hat[j] for i, j in pairs]).mean()
+    blocks = paired_blocks(pairs, len(feats))
+    stats = stats or block_statistics(feats, pairs)
+    mu_hat = {b: F.normalize(stats[b].mean, dim=0, eps=DIVERSITY_EPS) for b in blocks}
+    return torch.stack([mu_hat[i] @ mu_hat[j] for i, j in pairs]).mean()  # (|P|,) → scalar
 
 
 def mutual_information_loss(feats, pairs, stats=None):
@@ -203,15 +212,14 @@ def mutual_information_loss(feats, pairs, stats=None):
     Deviation from the printed equation: the absolute value per pair is the release's; the paper prints none.
     With it, anti-correlated blocks are penalised like correlated ones. Range [0, 1].
     """
-    _check_pairs(pairs, len(feats))
-    stats = stats or block_statistics(feats)
-    blocks = sorted({b for pair in pairs for b in pair})
+    blocks = paired_blocks(pairs, len(feats))
+    stats = stats or block_statistics(feats, pairs)
     # f̂_i·f̂_j = (f_i·f_j) / (‖f_i‖·‖f_j‖), the norms clamped at eps as F.normalize does; no normalised copy of
-    # a block is materialised.
-    inv_norm = {b: 1 / stats[b].token_norm.clamp(min=DIVERSITY_EPS) for b in blocks}  # (N, T)
+    # a block is materialised. (The dot product overflows float32 only for activations beyond ~1e19.)
+    inv_norm = {b: 1 / stats[b].token_norm.clamp(min=DIVERSITY_EPS) for b in blocks}
     cosines = [torch.linalg.vecdot(feats[i].float(), feats[j].float()) * inv_norm[i] * inv_norm[j]  # (N, T)
                for i, j in pairs]
-    return torch.stack([cos.mean().abs() for cos in cosines]).mean()
+    return torch.stack([cos.mean().abs() for cos in cosines]).mean()  # (|P|,) → scalar
 
 
 def dispersion_loss(feats, stats=None):
@@ -242,18 +250,21 @@ class DiversityLoss(NamedTuple):
 
 def diversity_loss(feats, pairs):
     """L_div = λ_orth·L_orth + λ_MI·L_MI + λ_disp·L_disp with λ = 1/3 each (paper Eq. 15: "0.33"; the release
-    takes the mean of the three), clamped above at 5 and replaced by 0 if not finite, as in the release.
+    takes the mean of the three).
 
     feats: the L block outputs (N, T, D), not detached; pairs: see `diversity_pairs`. Returns the total and
-    its three terms, all scalars. No host-device synchronisation: the release's per-pair finiteness checks and
-    Python branches on tensor values are replaced by one `torch.where` on the total.
+    its three terms, all scalars. As in the release, the total is clamped above at 5 (inert: the mean of the
+    three terms never exceeds 2/3) and replaced by 0 when not finite. Unlike the release, which skips each pair
+    or block holding a NaN or Inf (one host-device synchronisation per pair) and returns a constant without
+    gradient, this is one `torch.where` on the total: no synchronisation, but non-finite features still send
+    non-finite gradients backwards, as the flow-matching loss on the same features does anyway.
     """
     if len(feats) < 2:
         raise ValueError(f"the diversity loss compares blocks and needs at least 2, got {len(feats)}")
     if any(f.shape != feats[0].shape for f in feats):
         raise ValueError(f"block features differ in shape: {sorted({tuple(f.shape) for f in feats})}")
     feats = [f.float() for f in feats]  # once, so that the terms share the float32 copies
-    stats = block_statistics(feats)
+    stats = block_statistics(feats, pairs)
     orth = orthogonality_loss(feats, pairs, stats)
     mi = mutual_information_loss(feats, pairs, stats)
     disp = dispersion_loss(feats, stats)
@@ -269,8 +280,9 @@ def adaptive_weight(l_div):
     say whether w is detached; the release does not detach it, and neither do we, so in the middle range the
     gradient of w·L_div is (2·L_div − 0.1) / 0.5.
     """
-    ramp = (l_div - 0.1) / 0.5
-    return torch.where(l_div > 0.5, torch.ones_like(l_div), torch.where(l_div > 0.1, ramp, torch.zeros_like(l_div)))
+    low, high = ADAPTIVE_WEIGHT_RANGE
+    ramp = (l_div - low) / ADAPTIVE_WEIGHT_SCALE
+    return torch.where(l_div > high, torch.ones_like(l_div), torch.where(l_div > low, ramp, torch.zeros_like(l_div)))
 
 
 #################################################################################

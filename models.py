@@ -162,7 +162,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 × (N, D)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p·p·C)
 
 
@@ -213,7 +213,8 @@ class SiT(nn.Module):
         sit_time=False,           # weights trained in SiT's time convention (t = 1 data); see forward()
         long_residual=False,      # DiverseDiT's long residual connections (paper Sec. 3.1)
         z_dims=(),                # REPA: one projector per target encoder, with that encoder's width
-        encoder_depth=8,          # REPA: the projectors read the output of this block (1-indexed)
+        encoder_depth=None,       # REPA: the projectors read this block's output (1-indexed); the paper
+                                  # uses 5 for B and 8 for L and XL (its Table A1), REPA 4 for B, 8 for XL
         projector_dim=2048,       # REPA: hidden width of the projector MLP
         sra_depth=None,           # SRA: the student block (1-indexed) whose output goes through the SRA head
     ):
@@ -223,8 +224,9 @@ class SiT(nn.Module):
         if long_residual and depth % 2:
             raise ValueError(f"long residual connections pair block i with block L−1−i and need an even depth, "
                              f"got {depth}")
-        if z_dims and not 1 <= encoder_depth <= depth:
-            raise ValueError(f"REPA encoder_depth must be in 1..{depth}, got {encoder_depth}")
+        if z_dims and (encoder_depth is None or not 1 <= encoder_depth <= depth):
+            raise ValueError(f"REPA projectors need an encoder_depth in 1..{depth} (the paper uses 5 for B, 8 for L "
+                             f"and XL), got {encoder_depth}")
         if sra_depth is not None and not 1 <= sra_depth <= depth:
             raise ValueError(f"SRA student depth must be in 1..{depth}, got {sra_depth}")
         self.input_size = input_size
@@ -348,9 +350,9 @@ class SiT(nn.Module):
         if cfg_scale == 1.0 or not bool(guided.any()):
             return self(x, t, y)
         y_null = torch.full_like(y, self.num_classes)
-        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)
+        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)  # 2 × (N, C, H, W)
         v_guided = v_uncond + cfg_scale * (v_cond - v_uncond)
-        return torch.where(guided[:, None, None, None], v_guided, v_cond)
+        return torch.where(guided[:, None, None, None], v_guided, v_cond)  # guided: (N,) → (N, 1, 1, 1)
 
 
 class Features(NamedTuple):

@@ -137,6 +137,9 @@ def test_dispersion_lies_in_minus_one_to_zero():
     torch.testing.assert_close(dispersion_loss([torch.ones(2, 3, 4)]), torch.tensor(0.0))
     one_hot_rows = torch.eye(4).repeat(2, 1)[None]  # every column used by 2 of 8 rows: equal usage
     torch.testing.assert_close(dispersion_loss([one_hot_rows]), torch.tensor(0.0))
+    two_point = torch.zeros(2, 3, 4)
+    two_point[..., :2] = torch.randn(2, 3, 1)  # two equal channels and two dead ones: a' = (1, 1, 0, 0), variance 0.25
+    torch.testing.assert_close(dispersion_loss([two_point]), torch.tensor(-1.0))
 
 
 def test_diversity_loss_is_the_mean_of_its_terms_and_keeps_the_gradient():
@@ -181,7 +184,8 @@ def test_diversity_terms_and_gradients_equal_the_naive_formulas():
 def test_block_statistics_backward_is_autograds():
     torch.manual_seed(0)
     f = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: losses._BlockStatistics.apply(x), (f,))
+    for in_pairs in (True, False):  # blocks outside P get only the column norms
+        assert torch.autograd.gradcheck(lambda x: losses._BlockStatistics.apply(x, in_pairs)[:2 + 2 * in_pairs], (f,))
     # Zero columns and zero tokens get autograd's zero subgradient, not NaN.
     z = torch.randn(2, 3, 4, dtype=torch.float64)
     z[:, :, 1] = 0  # a zero column
@@ -189,9 +193,9 @@ def test_block_statistics_backward_is_autograds():
     z.requires_grad_()
     weights = [torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64),
                torch.randn(4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
-    ours = sum((s * w).sum() for s, w in zip(losses._BlockStatistics.apply(z), weights))
+    ours = sum((s * w).sum() for s, w in zip(losses._BlockStatistics.apply(z, True), weights))
     reference = sum((s * w).sum() for s, w in zip(
-        (z.mean(dim=(0, 1)), torch.linalg.vector_norm(z, 1, dim=(0, 1)), torch.linalg.vector_norm(z, dim=(0, 1)),
+        (torch.linalg.vector_norm(z, 1, dim=(0, 1)), torch.linalg.vector_norm(z, dim=(0, 1)), z.mean(dim=(0, 1)),
          torch.linalg.vector_norm(z, dim=-1)), weights))
     (g,), (g_ref,) = torch.autograd.grad(ours, z), torch.autograd.grad(reference, z)
     torch.testing.assert_close(g, g_ref)

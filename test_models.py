@@ -1,4 +1,7 @@
 """CPU checks of models.py: registry, official checkpoint layout, adaLN-Zero, long residuals, features, CFG."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,6 +72,8 @@ def test_bad_configurations_and_inputs_are_clear_errors():
         SiT(**{**TINY, "depth": 5}, long_residual=True)
     with pytest.raises(ValueError, match="encoder_depth"):
         SiT(**TINY, z_dims=[16], encoder_depth=5)
+    with pytest.raises(ValueError, match="encoder_depth"):  # no silent default: the paper's B and XL differ
+        SiT(**TINY, z_dims=[16])
     with pytest.raises(ValueError, match="SRA"):
         SiT(**TINY, sra_depth=0)
     with pytest.raises(ValueError, match="expected input of shape"):
@@ -78,30 +83,14 @@ def test_bad_configurations_and_inputs_are_clear_errors():
 # ---------------------------------------------------------------- official checkpoint layout
 
 
-def official_sit_shapes(depth, d, patch, out_channels, tokens, num_classes=1000):
-    """The state-dict layout of willisma/SiT's and facebookresearch/DiT's SiT/DiT (timm blocks, no norm keys)."""
-    shapes = {
-        "pos_embed": (1, tokens, d),
-        "x_embedder.proj.weight": (d, 4, patch, patch),
-        "x_embedder.proj.bias": (d,),
-        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
-        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
-        "y_embedder.embedding_table.weight": (num_classes + 1, d),
-    }
-    for i in range(depth):
-        shapes.update({
-            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
-            f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
-            f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
-            f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
-            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
-        })
-    shapes.update({
-        "final_layer.linear.weight": (patch * patch * out_channels, d),
-        "final_layer.linear.bias": (patch * patch * out_channels,),
-        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
-    })
-    return shapes
+# Every key and shape of the released SiT-XL/2 (willisma/SiT, learn_sigma=True) and REPA SiT-XL/2 (one 768-d
+# projector) state dicts, read off their model code (../shared/reference/official_state_dict_shapes.json).
+OFFICIAL_SHAPES = json.loads((Path(__file__).parent / "test_data" / "official_state_dict_shapes.json").read_text())
+
+
+def official(prefix):
+    (name,) = [k for k in OFFICIAL_SHAPES if k.startswith(prefix)]
+    return {key: tuple(shape) for key, shape in OFFICIAL_SHAPES[name].items()}
 
 
 def state_dict_shapes(model):
@@ -111,17 +100,13 @@ def state_dict_shapes(model):
 def test_sit_xl2_layout_equals_the_official_learn_sigma_checkpoint():
     with torch.device("meta"):
         model = build_model("SiT-XL/2", learn_sigma=True)
-    assert state_dict_shapes(model) == official_sit_shapes(28, 1152, 2, 8, 256)
+    assert state_dict_shapes(model) == official("SiT-XL/2 (willisma/SiT")
 
 
 def test_repa_xl2_layout_equals_the_official_last_pt():
     with torch.device("meta"):
         model = build_model("SiT-XL/2", z_dims=[768], encoder_depth=8)
-    expected = official_sit_shapes(28, 1152, 2, 4, 256)
-    expected.update({"projectors.0.0.weight": (2048, 1152), "projectors.0.0.bias": (2048,),
-                     "projectors.0.2.weight": (2048, 2048), "projectors.0.2.bias": (2048,),
-                     "projectors.0.4.weight": (768, 2048), "projectors.0.4.bias": (768,)})
-    assert state_dict_shapes(model) == expected
+    assert state_dict_shapes(model) == official("SiT-XL/2 (sihyun-yu/REPA")
 
 
 def test_learn_sigma_discards_the_variance_channels():
@@ -226,12 +211,15 @@ def test_long_residual_fuses_block_j_with_block_L_minus_1_minus_j():
         torch.testing.assert_close(feats.blocks[j], outputs[j])  # features are taken after the fusion
 
 
-def test_fusion_layernorm_runs_in_float32():
+def test_fusion_layernorm_runs_in_float32(monkeypatch):
+    seen = []
+    layer_norm = torch.nn.functional.layer_norm
+    monkeypatch.setattr(models.F, "layer_norm", lambda x, *args: seen.append(x.dtype) or layer_norm(x, *args))
     norm = models.LayerNorm32(8, eps=1e-6)
-    x = torch.randn(2, 3, 8) * 300
-    out = norm(x.bfloat16())
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x.bfloat16().float(), (8,), eps=1e-6).bfloat16())
+    x = torch.randn(2, 3, 8).bfloat16()
+    out = norm(x)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16  # computed in float32, returned in bf16
+    torch.testing.assert_close(out, layer_norm(x.float(), (8,), eps=1e-6).bfloat16())
 
 
 # ---------------------------------------------------------------- features
