@@ -350,7 +350,8 @@ class SiT(nn.Module):
         if cfg_scale == 1.0 or not bool(guided.any()):
             return self(x, t, y)
         y_null = torch.full_like(y, self.num_classes)
-        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)  # 2 × (N, C, H, W)
+        # One batched forward: conditional on top, unconditional below; 2 × (N, C, H, W).
+        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)
         v_guided = v_uncond + cfg_scale * (v_cond - v_uncond)
         return torch.where(guided[:, None, None, None], v_guided, v_cond)  # guided: (N,) → (N, 1, 1, 1)
 
