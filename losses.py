@@ -173,9 +173,9 @@ class _BlockStatistics(torch.autograd.Function):
     def backward(ctx, g_l1, g_l2, g_mean, g_token):
         f, column_l2, token_norm = ctx.saved_tensors  # f: (N, T, D)
         n, t, _ = f.shape
-        grad = torch.zeros_like(f)
-        if g_l1 is not None:     # ∂‖f_d‖₁/∂f[n,t,d] = sign(f[n,t,d]); g_l1 (D,) broadcasts over (N, T)
-            grad.addcmul_(f.sign(), g_l1)
+        # ∂‖f_d‖₁/∂f[n,t,d] = sign(f[n,t,d]); g_l1 (D,) broadcasts over (N, T). The first term allocates the
+        # gradient, so no pass is spent zero-filling it (L_disp always uses the column norms).
+        grad = f.sign() * g_l1 if g_l1 is not None else torch.zeros_like(f)
         if g_l2 is not None:     # ∂‖f_d‖₂/∂f[n,t,d] = f[n,t,d] / ‖f_d‖₂, and 0 for a zero column (as autograd)
             grad.addcmul_(f, torch.where(column_l2 > 0, g_l2 / column_l2, 0))                 # (D,)
         if g_mean is not None:   # ∂μ_d/∂f[n,t,d] = 1/NT

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models
+from losses import diversity_loss, diversity_pairs
 from models import SiT, build_model
 
 # Parameter counts with 4 output channels, computed from the architecture (DiT/SiT/REPA; fast-DiT logs
@@ -239,7 +240,6 @@ def test_features_do_not_change_the_velocity_and_have_the_documented_shapes():
 
 
 def test_bf16_autocast_forward_and_float32_diversity_loss():
-    from losses import diversity_loss, diversity_pairs
     model = randomize(SiT(**TINY, long_residual=True, z_dims=[16], encoder_depth=2))
     x, t, y = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
