@@ -1,6 +1,7 @@
 """The speed figures this project quotes, each measured by one command.
 
     python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10]
+    python bench.py data [--batch-size 256 --num-workers 2 --num-images 4096]
 
 step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
 device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (what DiverseDiT
@@ -9,17 +10,26 @@ The variants run interleaved, round after round, and each is compared with plain
 medians are printed as a Markdown table. Whole CPU steps vary by a few per cent from round to round, so the
 diversity loss is also timed on its own (forward and backward on block features of the step's shapes), which
 resolves its share of a step far more precisely.
+
+data: samples per second that a prepared folder (`data.py`) serves through a shuffling DataLoader, with and
+without the images REPA needs; the folder is synthetic (random moments and images, written in the real layout)
+and read from the page cache.
 """
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+import data
 from losses import adaptive_weight, diversity_loss, diversity_pairs, flow_matching_loss, interpolate
 from models import build_model
+from vae import DOWNSAMPLING, LATENT_CHANNELS
 
-LATENT_CHANNELS, VAE_DOWNSAMPLING = 4, 8  # SD-VAE latents: 4 channels at 1/8 of the image resolution
 LEARNING_RATE = 1e-4                      # SiT / REPA's AdamW learning rate (the step's cost does not depend on it)
 
 VARIANTS = {  # name: (long residual connections, diversity loss)
@@ -57,7 +67,7 @@ def make_train_step(model, with_diversity):
 
 def bench_step(args, device):
     torch.manual_seed(0)
-    latent = args.image_size // VAE_DOWNSAMPLING
+    latent = args.image_size // DOWNSAMPLING
     models = {name: build_model(args.model, input_size=latent, long_residual=long_residual).to(device).train()
               for name, (long_residual, _) in VARIANTS.items()}
     x = torch.randn(args.batch_size, LATENT_CHANNELS, latent, latent, device=device)
@@ -112,19 +122,57 @@ def time_diversity_loss_alone(shapes, device, rounds):
     return statistics.median(times[1:])
 
 
+def bench_data(args):
+    """Samples / s of PreparedDataset through a shuffling DataLoader, from a synthetic folder in the real layout."""
+    N, S, num_classes = args.num_images, args.image_size, 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "prepared"
+        meta = {"format": data.FORMAT_VERSION, "image_size": S, "images": True, "batch_size": 64, "num_images": N,
+                "files_sha256": "synthetic", "vae_sha256": "synthetic", "classes": [f"c{c}" for c in range(num_classes)]}
+        files = [f"c{i % num_classes}/{i}.JPEG" for i in range(N)]
+        data.start_or_continue(out, meta, files, np.arange(N) % num_classes)
+        rng = np.random.default_rng(0)
+        np.load(out / data.MOMENTS, mmap_mode="r+")[:] = rng.standard_normal((N, 2 * LATENT_CHANNELS, S // 8, S // 8))
+        np.load(out / data.IMAGES, mmap_mode="r+")[:] = rng.integers(0, 256, (N, 3, S, S), dtype=np.uint8)
+        np.save(out / data.STATUS, np.full(N, data.DONE, dtype=np.uint8))
+
+        print(f"\nPreparedDataset at {S} px, batch {args.batch_size}, shuffled, {args.num_workers} DataLoader workers, "
+              f"{N} images in the page cache\n")
+        print("| items | samples / s |")
+        print("|---|---|")
+        for images in (False, True):
+            loader = DataLoader(data.PreparedDataset(out, images=images), batch_size=args.batch_size, shuffle=True,
+                                num_workers=args.num_workers, drop_last=True)
+            count, start = 0, None
+            for batch in loader:
+                if start is None:  # the first batch includes starting the workers
+                    start = time.perf_counter()
+                    continue
+                count += len(batch[0])
+            print(f"| {'moments, label, image' if images else 'moments, label'} | "
+                  f"{count / (time.perf_counter() - start):,.0f} |")
+
+
 def main(args):
+    if args.benchmark == "data":
+        bench_data(args)
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.benchmark == "step":
-        bench_step(args, device)
+    bench_step(args, device)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="step", choices=["step"])
+    parser.add_argument("benchmark", nargs="?", default="step", choices=["step", "data"])
     parser.add_argument("--model", default="SiT-B/2")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 for step, 256 for data")
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step per variant each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    main(parser.parse_args())
+    parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")
+    parser.add_argument("--num-images", type=int, default=4096, help="data: size of the synthetic folder")
+    args = parser.parse_args()
+    if args.batch_size is None:
+        args.batch_size = 8 if args.benchmark == "step" else 256
+    main(args)

@@ -1,0 +1,39 @@
+"""Fixtures shared by the tests: weight files written, from random initialisations, in the public formats."""
+import json
+import struct
+
+import pytest
+import torch
+
+from vae import AutoencoderKL
+
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                     torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """A .safetensors file written by hand: u64 little-endian header length, JSON header, raw tensor bytes."""
+    header = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for name, tensor in tensors.items():
+        blob = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format pads its header to 8 bytes with spaces
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+@pytest.fixture(scope="session")
+def sd_vae(tmp_path_factory):
+    """(a random SD-VAE in eval mode, the folder holding its weights as diffusion_pytorch_model.safetensors)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL().eval().requires_grad_(False)
+    for name, p in vae.named_parameters():  # norms away from (1, 0), so that their loading is tested too
+        if "norm" in name:
+            p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("sd-vae-ft-mse")
+    write_safetensors(vae.state_dict(), folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    return vae, folder

@@ -1,0 +1,326 @@
+"""Training data: ImageNet-style folders turned into SD-VAE latent sets, and a built-in set for CPU runs.
+
+Preparing (once, on one or several GPUs of one machine; re-running continues where it stopped):
+
+    python data.py --data-path /imagenet/train --out data/in256 --image-size 256
+    torchrun --nproc_per_node=8 data.py --data-path /imagenet/train --out data/in256 --image-size 256
+
+turns a folder of class folders into a prepared folder of a few memory-mapped arrays:
+
+    dataset.json  what was prepared and how (image size, VAE weights, class names, …)
+    files.txt     the source images, one relative path per line; line i is image i
+    labels.npy    (N,) int64       class index = position of the class folder in sorted order
+    moments.npy   (N, 8, h, w)     float32: the VAE posterior's mean (4 channels) and std (4 channels), h = S/8
+    images.npy    (N, 3, S, S)     uint8: the center-cropped images (kept unless --no-images; REPA's encoder reads them)
+    status.npy    (N,) uint8       0 pending, 1 done, 2 skipped (unreadable)
+
+Both datasets serve (x, y) or, with `images=True`, (x, y, image uint8 (3, S, S)). For a prepared folder x is the
+moments; `vae.sample_latents` draws a fresh latent from them each step (REPA's practice). For the built-in
+`ShapesDataset` x is the image itself in [-1, 1]: the model then trains in pixel space, with no VAE.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from tqdm import tqdm
+
+from distributed import barrier, close_distributed, init_distributed
+from vae import DOWNSAMPLING, LATENT_CHANNELS, LATENT_SCALE, encode_images, file_sha256, load_vae, vae_weights_path
+
+FORMAT_VERSION = 1
+PENDING, DONE, SKIPPED = 0, 1, 2  # status.npy
+METADATA, FILES, LABELS, MOMENTS, IMAGES, STATUS = (
+    "dataset.json", "files.txt", "labels.npy", "moments.npy", "images.npy", "status.npy")
+# What must agree for a re-run to continue a folder instead of being refused.
+CONFIGURATION = ("format", "image_size", "images", "batch_size", "num_images", "files_sha256", "vae_sha256")
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's preprocessing (guided-diffusion, used by DiT, SiT and REPA) → (S, S, 3) uint8.
+
+    Halve the image with a box filter while its shorter side is at least 2S, resize with bicubic filtering so the
+    shorter side is S (sizes rounded), then crop the central S×S (offsets rounded down).
+    """
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+#################################################################################
+#                          A prepared folder, for training                      #
+#################################################################################
+
+def read_metadata(path):
+    path = Path(path)
+    if not (path / METADATA).is_file():
+        raise FileNotFoundError(f"{path} is not a prepared dataset (no {METADATA}); prepare one with "
+                                f"`python data.py --data-path IMAGENET/train --out {path}`")
+    return json.loads((path / METADATA).read_text())
+
+
+class PreparedDataset(Dataset):
+    """A folder written by `python data.py`: (moments (8, h, w) float32, label) or (moments, label, image) items.
+
+    Arrays are memory-mapped, and opened in each DataLoader worker on first use, so that workers share the page
+    cache instead of copies. Images skipped as unreadable during preparation are left out.
+    """
+
+    latent = True  # x holds VAE posterior moments: train on vae.sample_latents(x)
+
+    def __init__(self, path, images=False):
+        self.path = Path(path)
+        meta = read_metadata(self.path)
+        if meta["format"] != FORMAT_VERSION:
+            raise ValueError(f"{self.path} has format {meta['format']}; this code reads format {FORMAT_VERSION}")
+        status = np.load(self.path / STATUS)
+        if (status == PENDING).any():
+            raise RuntimeError(f"{self.path} is only partly prepared ({(status != PENDING).sum()} of {len(status)} "
+                               f"images): re-run the command that prepared it to finish")
+        if images and not meta["images"]:
+            raise ValueError(f"{self.path} was prepared with --no-images, but images are needed (REPA's encoder "
+                             f"reads them): prepare it again without --no-images")
+        self.indices = np.flatnonzero(status == DONE)
+        self.labels = np.load(self.path / LABELS)
+        self.images = images
+        self.classes = meta["classes"]
+        self.num_classes = len(self.classes)
+        self.image_size = meta["image_size"]
+        latent_size = self.image_size // DOWNSAMPLING
+        self.input_shape = (LATENT_CHANNELS, latent_size, latent_size)  # what the model sees
+        self._arrays = None  # opened lazily, per process
+
+    def __getstate__(self):  # DataLoader workers re-open the memory maps instead of receiving their contents
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if self._arrays is None:
+            names = (MOMENTS, IMAGES) if self.images else (MOMENTS,)
+            self._arrays = [np.load(self.path / name, mmap_mode="r") for name in names]
+        j = self.indices[i]
+        item = [torch.from_numpy(np.array(self._arrays[0][j])), int(self.labels[j])]
+        if self.images:
+            item.append(torch.from_numpy(np.array(self._arrays[1][j])))
+        return tuple(item)
+
+
+#################################################################################
+#                    The built-in dataset: coloured shapes, no download         #
+#################################################################################
+
+def shape_distance(shape, u, v, s):
+    """Signed distance (pixels, negative inside) to shape number `shape` of radius s, centred at u = v = 0."""
+    def box(a, b):  # an axis-aligned rectangle of half-sides a × b
+        return np.maximum(np.abs(u) - a, np.abs(v) - b)
+
+    r = np.hypot(u, v)
+    if shape == 0:  # disk
+        return r - s
+    if shape == 1:  # square
+        return box(0.8 * s, 0.8 * s)
+    if shape == 2:  # diamond
+        return (np.abs(u) + np.abs(v) - s) / math.sqrt(2)
+    if shape == 3:  # triangle, apex up (v grows downwards)
+        return np.maximum(v - s / 2, (math.sqrt(3) * np.abs(u) - v) / 2 - s / 2)
+    if shape == 4:  # ring
+        return np.abs(r - 0.75 * s) - 0.25 * s
+    if shape == 5:  # plus
+        return np.minimum(box(s, 0.3 * s), box(0.3 * s, s))
+    if shape == 6:  # diagonal cross: the plus turned by 45°
+        return shape_distance(5, (u + v) / math.sqrt(2), (u - v) / math.sqrt(2), s)
+    if shape == 7:  # square frame
+        return np.maximum(box(0.85 * s, 0.85 * s), -box(0.5 * s, 0.5 * s))
+    if shape == 8:  # horizontal bar
+        return box(s, 0.35 * s)
+    if shape == 9:  # vertical bar
+        return box(0.35 * s, s)
+    raise ValueError(f"no shape number {shape}")
+
+
+def render_shape(shape, image_size, rng):
+    """One (S, S, 3) uint8 image: shape `shape` with a random centre, size and colours on a plain background."""
+    S = image_size
+    centre = rng.uniform(0.35 * S, 0.65 * S, size=2)
+    radius = rng.uniform(0.2 * S, 0.32 * S)
+    background, foreground = rng.uniform(0.0, 0.45, size=3), rng.uniform(0.55, 1.0, size=3)
+    coords = np.arange(S) + 0.5                                     # pixel centres
+    u, v = coords[None, :] - centre[0], coords[:, None] - centre[1]  # (1, S), (S, 1): x right, y down
+    alpha = np.clip(0.5 - shape_distance(shape, u, v, radius), 0.0, 1.0)[..., None]  # (S, S, 1), 1-pixel edge
+    image = background + alpha * (foreground - background)         # (S, S, 3) in [0, 1]
+    return np.round(image * 255).astype(np.uint8)
+
+
+class ShapesDataset(Dataset):
+    """10 classes of coloured shapes (disk, square, diamond, triangle, ring, plus, cross, frame, two bars).
+
+    Image i has label i mod 10 and is drawn from a generator seeded with (seed, i): the same seed gives the same
+    images in every process, with no download and no disk. Items are as PreparedDataset's, with x the image in
+    [-1, 1] (pixel space, no VAE).
+    """
+
+    latent = False
+    num_classes = 10
+
+    def __init__(self, num_images=10_000, image_size=32, seed=0, images=False):
+        self.num_images, self.image_size, self.seed, self.images = num_images, image_size, seed, images
+        self.input_shape = (3, image_size, image_size)
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"image {i} of a dataset of {self.num_images}")
+        y = i % self.num_classes
+        image = torch.from_numpy(render_shape(y, self.image_size, np.random.default_rng([self.seed, i])))
+        image = image.permute(2, 0, 1).contiguous()  # (3, S, S) uint8
+        x = image.float() / 127.5 - 1.0              # the VAE's input range, [-1, 1]
+        return (x, y, image) if self.images else (x, y)
+
+
+#################################################################################
+#                            Preparing a folder of images                       #
+#################################################################################
+
+def list_image_folder(root):
+    """(relative paths, labels, class names) of an ImageNet-style tree, in torchvision ImageFolder's order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-path {root} is not a folder")
+    classes, class_to_idx = find_classes(root)  # sorted sub-folder names; an error if there are none
+    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    files = [os.path.relpath(path, root) for path, _ in samples]
+    return files, np.array([label for _, label in samples], dtype=np.int64), classes
+
+
+class ImageFiles(Dataset):
+    """(index, center-cropped image (3, S, S) uint8, error message or "") — decoded in DataLoader workers."""
+
+    def __init__(self, root, files, image_size):
+        self.root, self.files, self.image_size = Path(root), files, image_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.root / self.files[i]) as image:
+                array = center_crop_arr(image.convert("RGB"), self.image_size)
+            return i, torch.from_numpy(array).permute(2, 0, 1).contiguous(), ""
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+            return i, torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
+def start_or_continue(out, meta, files, labels):
+    """Create the prepared folder's arrays, or check that an existing folder was started with the same settings."""
+    if (out / METADATA).is_file():
+        old = read_metadata(out)
+        changed = [f"{key}: {old.get(key)!r} there, {meta[key]!r} now" for key in CONFIGURATION
+                   if old.get(key) != meta[key]]
+        if changed:
+            raise ValueError(f"{out} holds a dataset prepared with other settings ({'; '.join(changed)}); "
+                             f"choose another --out or delete it")
+        return
+    ours = {METADATA, FILES, LABELS, MOMENTS, IMAGES, STATUS}
+    if out.exists() and not {p.name for p in out.iterdir()} <= ours:  # our own leftovers are recreated
+        raise ValueError(f"--out {out} exists and is not a prepared dataset; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    N, S = len(files), meta["image_size"]
+    (out / FILES).write_text("".join(f"{name}\n" for name in files))
+    np.save(out / LABELS, labels)
+    np.save(out / STATUS, np.zeros(N, dtype=np.uint8))
+    # Sparse files of the final size, filled in place chunk by chunk.
+    np.lib.format.open_memmap(out / MOMENTS, "w+", np.float32, (N, 2 * LATENT_CHANNELS, S // DOWNSAMPLING,
+                                                                 S // DOWNSAMPLING))
+    if meta["images"]:
+        np.lib.format.open_memmap(out / IMAGES, "w+", np.uint8, (N, 3, S, S))
+    tmp = out / f"{METADATA}.tmp"  # written last and atomically: its presence means the arrays exist
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / METADATA)
+
+
+def main(args):
+    if args.image_size % DOWNSAMPLING:
+        raise ValueError(f"--image-size must be a multiple of {DOWNSAMPLING} (the VAE's downsampling)")
+    rank, world_size, device = init_distributed()
+    out = Path(args.out)
+    if rank == 0:  # lists the images, fetches the weights, creates or checks the folder; the others wait
+        files, labels, classes = list_image_folder(args.data_path)
+        vae_path = vae_weights_path(args.vae)
+        meta = {
+            "format": FORMAT_VERSION, "image_size": args.image_size, "images": args.images,
+            "batch_size": args.batch_size, "num_images": len(files),
+            "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+            "vae_sha256": file_sha256(vae_path), "vae": args.vae, "classes": classes,
+            "source": str(Path(args.data_path).resolve()), "horizontal_flip": False,
+            "moments": f"VAE posterior mean and std, unscaled: latents = (mean + std·ε)·{LATENT_SCALE}",
+        }
+        start_or_continue(out, meta, files, labels)
+        print(f"{len(files):,} images in {len(classes):,} classes → {out}")
+    barrier()
+    meta = read_metadata(out)
+    files = (out / FILES).read_text().splitlines()
+    status = np.load(out / STATUS, mmap_mode="r+")
+    moments = np.load(out / MOMENTS, mmap_mode="r+")
+    images = np.load(out / IMAGES, mmap_mode="r+") if meta["images"] else None
+
+    # Fixed chunks of batch_size images: the same chunk is the same batch however often the run is interrupted
+    # and however many ranks share the work, so the result equals that of one uninterrupted run.
+    B, N = meta["batch_size"], len(files)
+    chunks = [range(k * B, min(N, (k + 1) * B)) for k in range(math.ceil(N / B))]
+    pending = [chunk for chunk in chunks if (status[chunk.start:chunk.stop] == PENDING).any()]
+    barrier()  # every rank has read the same status before anyone writes to it
+    loader = DataLoader(ImageFiles(args.data_path, files, meta["image_size"]), batch_sampler=pending[rank::world_size],
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    vae = load_vae(args.vae, device)
+    for index, batch, errors in tqdm(loader, desc="encoding", unit="batch", disable=rank != 0):
+        ok = torch.tensor([not error for error in errors])
+        chunk_moments = torch.zeros(len(index), *moments.shape[1:])
+        if ok.any():
+            chunk_moments[ok] = encode_images(vae, batch[ok].to(device), chunk_size=B, bf16=args.bf16).cpu()
+        lo, hi = int(index[0]), int(index[-1]) + 1
+        moments[lo:hi] = chunk_moments.numpy()
+        if images is not None:
+            images[lo:hi] = batch.numpy()
+        for i, error in zip(index.tolist(), errors):
+            if error:
+                tqdm.write(f"warning: skipped unreadable image {files[i]} ({error})")
+        moments.flush()  # data first, then the status that says it is there
+        if images is not None:
+            images.flush()
+        status[lo:hi] = np.where(ok.numpy(), DONE, SKIPPED)
+        status.flush()
+    barrier()
+    if rank == 0:
+        final = np.asarray(status)
+        print(f"done: {(final == DONE).sum():,} images encoded, {(final == SKIPPED).sum():,} skipped as unreadable")
+    close_distributed()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Encode an ImageNet-style folder into SD-VAE latent moments.")
+    parser.add_argument("--data-path", required=True, help="a folder of class folders of images (ImageNet train)")
+    parser.add_argument("--out", required=True, help="the prepared folder; re-running continues it")
+    parser.add_argument("--image-size", type=int, default=256, help="256 or 512 in the papers; any multiple of 8")
+    parser.add_argument("--vae", default="mse",  # REPA's preprocessing; ema and mse share one encoder
+                        help="'ema' or 'mse' (downloaded from Hugging Face), or a local weight file or folder")
+    parser.add_argument("--images", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the center-cropped images (REPA's encoder needs them; 3·S·S bytes each)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE forward, per GPU")
+    parser.add_argument("--num-workers", type=int, default=8, help="DataLoader workers decoding JPEGs, per GPU")
+    parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (faster; float32 default)")
+    main(parser.parse_args())

@@ -1,0 +1,209 @@
+"""CPU checks of data.py: ADM's crop, the built-in shapes, and preparing / reading a latent folder."""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import PreparedDataset, ShapesDataset, center_crop_arr, render_shape, shape_distance
+from vae import encode_images
+
+S = 16  # image size of the prepared test sets: 2×2 latents
+
+
+# ---------------------------------------------------------------- ADM's center crop
+
+
+def test_center_crop_keeps_an_image_of_the_target_size():
+    array = np.random.default_rng(0).integers(0, 256, (S, S, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(center_crop_arr(Image.fromarray(array), S), array)
+
+
+def test_center_crop_takes_the_middle_of_a_wide_image():
+    array = np.random.default_rng(0).integers(0, 256, (S, 3 * S, 3), dtype=np.uint8)  # shorter side already S
+    np.testing.assert_array_equal(center_crop_arr(Image.fromarray(array), S), array[:, S:2 * S])
+    tall = np.random.default_rng(1).integers(0, 256, (S + 3, S, 3), dtype=np.uint8)  # offset (3 // 2) rounds down
+    np.testing.assert_array_equal(center_crop_arr(Image.fromarray(tall), S), tall[1:S + 1])
+
+
+def test_center_crop_halves_with_a_box_filter_while_the_short_side_is_at_least_twice_the_size():
+    # 4S × 6S of constant 4×4 squares: two exact box halvings give S × 1.5S, the bicubic resize to the same size
+    # changes nothing, and the crop takes the middle S columns.
+    blocks = np.random.default_rng(0).integers(0, 256, (S, 3 * S // 2, 3), dtype=np.uint8)
+    image = blocks.repeat(4, axis=0).repeat(4, axis=1)
+    left = (3 * S // 2 - S) // 2
+    np.testing.assert_array_equal(center_crop_arr(Image.fromarray(image), S), blocks[:, left:left + S])
+
+
+def test_center_crop_resizes_the_short_side_to_the_target():
+    image = Image.fromarray(np.full((24, 40, 3), 77, dtype=np.uint8))  # short side 24 < 2·16: bicubic to 16 × 27
+    out = center_crop_arr(image, S)
+    assert out.shape == (S, S, 3) and out.dtype == np.uint8 and (out == 77).all()
+
+
+# ---------------------------------------------------------------- the built-in dataset
+
+
+def test_shapes_dataset_is_deterministic_balanced_and_in_range():
+    dataset = ShapesDataset(num_images=30, image_size=32, seed=3, images=True)
+    assert len(dataset) == 30 and dataset.input_shape == (3, 32, 32) and not dataset.latent
+    x, y, image = dataset[13]
+    assert y == 3 and x.shape == (3, 32, 32) and image.dtype == torch.uint8
+    torch.testing.assert_close(x, image.float() / 127.5 - 1)
+    assert torch.equal(ShapesDataset(num_images=30, image_size=32, seed=3)[13][0], x)  # same seed, same image
+    assert not torch.equal(ShapesDataset(num_images=30, image_size=32, seed=4)[13][0], x)
+    assert [dataset[i][1] for i in range(30)] == [i % 10 for i in range(30)]
+    with pytest.raises(IndexError):
+        dataset[30]
+
+
+def test_shape_distance_examples():
+    u, v = np.array([0.0, 3.0, 5.0]), np.zeros(3)
+    np.testing.assert_allclose(shape_distance(0, u, v, 4.0), [-4.0, -1.0, 1.0])           # disk: r − s
+    np.testing.assert_allclose(shape_distance(4, u, v, 4.0), [2.0, -1.0, 1.0])            # ring |r − 3| − 1
+    np.testing.assert_allclose(shape_distance(9, u, v, 4.0), [-1.4, 1.6, 3.6])            # vertical bar, half-width 1.4
+    assert shape_distance(3, np.array([0.0]), np.array([-3.9]), 4.0)[0] < 0 < shape_distance(  # apex up
+        3, np.array([0.0]), np.array([3.9]), 4.0)[0]
+
+
+def test_every_class_draws_a_different_shape():
+    masks = [render_shape(c, 32, np.random.default_rng(0)).astype(int) for c in range(10)]  # same centre, colours
+    for a in range(10):
+        for b in range(a):
+            assert np.abs(masks[a] - masks[b]).sum() > 255 * 20, (a, b)  # > 20 pixels' worth of difference
+
+
+# ---------------------------------------------------------------- preparing a folder
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    """Class folders made in unsorted order, images of several sizes and modes, and one unreadable file."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for name, count in [("n02_zebra", 3), ("n01_apple", 4), ("n03_mango", 2)]:
+        (root / name).mkdir()
+        for i in range(count):
+            size = (int(rng.integers(S, 3 * S)), int(rng.integers(S, 3 * S)))
+            Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(root / name / f"{i}.JPEG")
+    Image.fromarray(rng.integers(0, 256, (40, 20), dtype=np.uint8), "L").save(root / "n03_mango" / "gray.png")
+    (root / "n01_apple" / "broken.jpg").write_bytes(b"not an image")
+    (root / "n01_apple" / "notes.txt").write_text("not an image file: ignored, as by ImageFolder")
+    return root
+
+
+def prepare_args(image_tree, vae_folder, out, **changes):
+    return argparse.Namespace(**{"data_path": str(image_tree), "out": str(out), "image_size": S,
+                                 "vae": str(vae_folder), "images": True, "batch_size": 3, "num_workers": 0,
+                                 "bf16": False, **changes})
+
+
+def read_arrays(out):
+    return {name: np.load(Path(out) / name) for name in (data.LABELS, data.STATUS, data.MOMENTS, data.IMAGES)}
+
+
+@pytest.fixture(scope="module")
+def prepared(image_tree, sd_vae, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "in16"
+    data.main(prepare_args(image_tree, sd_vae[1], out))
+    return out
+
+
+def test_prepare_writes_labels_images_and_moments(prepared, image_tree, sd_vae):
+    files = (prepared / data.FILES).read_text().splitlines()
+    arrays = read_arrays(prepared)
+    meta = data.read_metadata(prepared)
+    assert meta["classes"] == ["n01_apple", "n02_zebra", "n03_mango"] and meta["num_images"] == 11 == len(files)
+    assert files[0] == os.path.join("n01_apple", "0.JPEG") and "n01_apple/notes.txt" not in files
+    np.testing.assert_array_equal(arrays[data.LABELS], [0] * 5 + [1] * 3 + [2] * 3)
+    broken = files.index(os.path.join("n01_apple", "broken.jpg"))
+    assert arrays[data.STATUS][broken] == data.SKIPPED and (np.delete(arrays[data.STATUS], broken) == data.DONE).all()
+    assert arrays[data.MOMENTS].shape == (11, 8, 2, 2) and arrays[data.IMAGES].shape == (11, 3, S, S)
+    for i in (0, 7, 10):  # the stored crop and its moments, recomputed from the file
+        with Image.open(image_tree / files[i]) as image:
+            crop = torch.from_numpy(center_crop_arr(image.convert("RGB"), S)).permute(2, 0, 1)
+        np.testing.assert_array_equal(arrays[data.IMAGES][i], crop.numpy())
+        torch.testing.assert_close(torch.from_numpy(arrays[data.MOMENTS][i]), encode_images(sd_vae[0], crop[None])[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_dataset_serves_moments_labels_and_images(prepared):
+    dataset = PreparedDataset(prepared, images=True)
+    assert len(dataset) == 10 and dataset.num_classes == 3 and dataset.latent  # the unreadable image left out
+    assert dataset.input_shape == (4, 2, 2) and dataset.image_size == S
+    arrays = read_arrays(prepared)
+    done = np.flatnonzero(arrays[data.STATUS] == data.DONE)
+    moments, label, image = dataset[9]
+    assert torch.equal(moments, torch.from_numpy(arrays[data.MOMENTS][done[9]])) and label == 2
+    assert torch.equal(image, torch.from_numpy(arrays[data.IMAGES][done[9]]))
+    batch = next(iter(torch.utils.data.DataLoader(PreparedDataset(prepared), batch_size=4, num_workers=2)))
+    assert len(batch) == 2 and batch[0].shape == (4, 8, 2, 2) and batch[1].tolist() == [0, 0, 0, 0]
+
+
+def test_an_interrupted_preparation_continues_to_the_same_result(prepared, image_tree, sd_vae, tmp_path,
+                                                                   monkeypatch):
+    calls = []
+
+    def interrupted_encode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while encoding the third batch
+            raise KeyboardInterrupt
+        return encode_images(*args, **kwargs)
+
+    out = tmp_path / "in16"
+    monkeypatch.setattr(data, "encode_images", interrupted_encode)
+    with pytest.raises(KeyboardInterrupt):
+        data.main(prepare_args(image_tree, sd_vae[1], out))
+    status = np.load(out / data.STATUS)
+    assert (status != data.PENDING).sum() == 6 and (status[6:] == data.PENDING).all()  # two batches of 3 done
+    with pytest.raises(RuntimeError, match="only partly prepared"):
+        PreparedDataset(out)
+    monkeypatch.setattr(data, "encode_images", encode_images)
+    data.main(prepare_args(image_tree, sd_vae[1], out))
+    for name, array in read_arrays(prepared).items():
+        np.testing.assert_array_equal(read_arrays(out)[name], array, err_msg=name)
+
+
+def test_preparation_refuses_bad_inputs(prepared, image_tree, sd_vae, tmp_path):
+    with pytest.raises(ValueError, match="other settings.*image_size: 16 there, 32 now"):
+        data.main(prepare_args(image_tree, sd_vae[1], prepared, image_size=32))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("")
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "mine"))
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (S, S)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(FileNotFoundError, match="class folder"):
+        data.main(prepare_args(tmp_path / "flat", sd_vae[1], tmp_path / "out"))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "out", image_size=20))
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        PreparedDataset(tmp_path / "mine")
+
+
+def test_a_folder_without_images_cannot_serve_them(image_tree, sd_vae, tmp_path):
+    data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "noimg", images=False))
+    assert not (tmp_path / "noimg" / data.IMAGES).exists()
+    assert len(PreparedDataset(tmp_path / "noimg")[0]) == 2
+    with pytest.raises(ValueError, match="--no-images"):
+        PreparedDataset(tmp_path / "noimg", images=True)
+
+
+def test_two_ranks_under_torchrun_give_the_one_process_result(prepared, image_tree, sd_vae, tmp_path):
+    out = tmp_path / "in16"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "data.py",
+               "--data-path", str(image_tree), "--out", str(out), "--image-size", str(S), "--vae", str(sd_vae[1]),
+               "--batch-size", "3", "--num-workers", "0"]
+    # as many threads as this process: CPU convolutions with another thread count may round differently
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped unreadable image" in result.stdout + result.stderr
+    for name, array in read_arrays(prepared).items():
+        np.testing.assert_array_equal(read_arrays(out)[name], array, err_msg=name)

@@ -1,0 +1,389 @@
+"""The Stable Diffusion VAE that SiT, REPA and DiverseDiT train in, self-contained.
+
+This is the AutoencoderKL of `stabilityai/sd-vae-ft-ema` and `stabilityai/sd-vae-ft-mse` (one encoder; the two
+differ only in their fine-tuned decoders), written with the module names of diffusers' AutoencoderKL so that
+the public `diffusion_pytorch_model.safetensors` / `.bin` files load with strict key checking:
+
+    image (N, 3, H, W) in [-1, 1] --encoder--> quant_conv --> (mean, logvar) of (N, 4, H/8, W/8)
+    latent (N, 4, H/8, W/8)       --post_quant_conv--> decoder --> image (N, 3, H, W)
+
+Training uses latents z = (mean + std·ε)·LATENT_SCALE, a fresh posterior sample each step (REPA's practice);
+samples are decoded from z / LATENT_SCALE.
+
+    python vae.py --vae mse        # download the weights into torch's hub cache and check that they load
+
+Legend: N batch, C channels, H×W spatial size, T = H·W tokens.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import urllib.error
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LATENT_SCALE = 0.18215  # SD-VAE latent scale (LDM); latents = sample · LATENT_SCALE, no shift
+LATENT_CHANNELS = 4     # the SD-VAE's latent channels
+DOWNSAMPLING = 8        # latents have 1/8 of the image resolution
+BLOCK_CHANNELS = (128, 256, 512, 512)  # the SD-VAE's widths, from full resolution down
+LAYERS_PER_BLOCK = 2
+NORM_GROUPS = 32
+NORM_EPS = 1e-6
+
+VAE_URLS = {  # the public weights (Hugging Face), fetched into torch's hub cache on first use
+    name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model.safetensors"
+    for name in ("ema", "mse")
+}
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # looked for in a folder
+# Older uploads name the attention projections as diffusers' deprecated AttentionBlock did.
+OLD_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+#################################################################################
+#                                 Building blocks                               #
+#################################################################################
+
+def group_norm(channels):
+    return nn.GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(SiLU(norm(conv(SiLU(norm(x)))))), with a 1×1 convolution on the skip when the width changes."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        # .contiguous(): the memory layout diffusers gives this convolution, hence its kernels and its exact bits
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x.contiguous())
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 convolution after zero padding on the right and bottom only (the SD-VAE's asymmetric pad)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3×3 convolution."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all positions, with a residual connection."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.group_norm = group_norm(channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # key `to_out.0`, as diffusers
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)                      # (N, T, C)
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (N, 1, T, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)                  # (N, T, C)
+        h = self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W)            # a channels-last view
+        return h + x  # in this order the sum stays channels-last, as in diffusers: same kernels, same bits
+
+
+class MidBlock(nn.Module):
+    """resnet → attention → resnet, at the lowest resolution."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels)])
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        return self.resnets[1](self.attentions[0](x))
+
+
+def resnet_stack(in_channels, out_channels, num_layers):
+    return nn.ModuleList(
+        [ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)])
+
+
+class DownBlock(nn.Module):
+    """The encoder at one resolution: resnets, then a Downsample (except at the lowest resolution)."""
+
+    def __init__(self, in_channels, out_channels, downsample):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels, out_channels, LAYERS_PER_BLOCK)
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+
+    def forward(self, x):
+        for layer in (*self.resnets, *self.downsamplers):
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """The decoder at one resolution: one resnet more than the encoder, then an Upsample (except at the top)."""
+
+    def __init__(self, in_channels, out_channels, upsample):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels, out_channels, LAYERS_PER_BLOCK + 1)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+
+    def forward(self, x):
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x)
+        return x
+
+
+#################################################################################
+#                               Encoder and decoder                             #
+#################################################################################
+
+class Encoder(nn.Module):
+    """(N, 3, H, W) image → (N, 2·LATENT_CHANNELS, H/8, W/8): the posterior's mean and log-variance."""
+
+    def __init__(self):
+        super().__init__()
+        widths = BLOCK_CHANNELS
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            DownBlock(widths[max(i - 1, 0)], widths[i], downsample=i < len(widths) - 1)
+            for i in range(len(widths))])
+        self.mid_block = MidBlock(widths[-1])
+        self.conv_norm_out = group_norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * LATENT_CHANNELS, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """(N, LATENT_CHANNELS, h, w) latent → (N, 3, 8h, 8w) image."""
+
+    def __init__(self):
+        super().__init__()
+        widths = BLOCK_CHANNELS[::-1]  # from the lowest resolution up
+        self.conv_in = nn.Conv2d(LATENT_CHANNELS, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0])
+        self.up_blocks = nn.ModuleList([
+            UpBlock(widths[max(i - 1, 0)], widths[i], upsample=i < len(widths) - 1)
+            for i in range(len(widths))])
+        self.conv_norm_out = group_norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """The SD-VAE: 83,653,863 parameters, state-dict keys as diffusers' AutoencoderKL."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder()
+        self.decoder = Decoder()
+        self.quant_conv = nn.Conv2d(2 * LATENT_CHANNELS, 2 * LATENT_CHANNELS, 1)
+        self.post_quant_conv = nn.Conv2d(LATENT_CHANNELS, LATENT_CHANNELS, 1)
+
+    def encode(self, x):
+        """Image in [-1, 1] → the diagonal Gaussian posterior's (mean, std), each (N, 4, H/8, W/8), unscaled."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)  # as LDM's DiagonalGaussianDistribution
+        return mean, torch.exp(0.5 * logvar)
+
+    def decode(self, z):
+        """Unscaled latent (N, 4, h, w) → image (N, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z))
+
+
+#################################################################################
+#                                     Weights                                   #
+#################################################################################
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """Read a `.safetensors` file into {name: tensor} without the safetensors package.
+
+    The format: an unsigned little-endian 64-bit header length n, n bytes of JSON mapping each tensor name to
+    {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the bytes after the header; an optional
+    "__metadata__" entry holds strings), then the raw little-endian tensor bytes.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("reading .safetensors assumes a little-endian machine")
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        if not 0 < n <= len(data) - 8:
+            raise ValueError(f"header length {n} does not fit in a file of {len(data)} bytes")
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:  # a bad length, bad UTF-8 or bad JSON
+        raise ValueError(f"{path} is not a .safetensors file: {e}") from None
+    body = memoryview(data)[8 + n:]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        numel = 1
+        for size in shape:
+            numel *= size
+        if not 0 <= begin <= end <= len(body) or end - begin != numel * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has data offsets {[begin, end]} that do not match its "
+                             f"shape {shape} and dtype {entry['dtype']} in a data section of {len(body)} bytes")
+        # A copy into a bytearray: a writable buffer, so the tensor owns its (aligned) memory.
+        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(shape)
+    return tensors
+
+
+def rename_old_attention_keys(state_dict):
+    """Map `…attentions.0.{query,key,value,proj_attn}.*` to diffusers' current `to_q / to_k / to_v / to_out.0`."""
+    renamed = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-2] in OLD_ATTENTION_KEYS and "attentions" in parts:
+            key = ".".join(parts[:-2] + [OLD_ATTENTION_KEYS[parts[-2]], parts[-1]])
+        renamed[key] = value
+    return renamed
+
+
+def vae_weights_path(source):
+    """The weight file for `source`: "ema" / "mse" (downloaded into torch's hub cache once), a file or a folder."""
+    if source in VAE_URLS:
+        url = VAE_URLS[source]
+        path = Path(torch.hub.get_dir()) / "checkpoints" / f"sd-vae-ft-{source}" / WEIGHT_FILES[0]
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(url, str(path), progress=True)
+            except (urllib.error.URLError, OSError) as e:
+                raise RuntimeError(
+                    f"could not download the SD-VAE weights from {url} ({e}). Download that file on a machine "
+                    f"with internet access and pass its path (or its folder) as --vae PATH.") from None
+        return path
+    path = Path(source)
+    if path.is_dir():
+        for name in WEIGHT_FILES + tuple(f"vae/{name}" for name in WEIGHT_FILES):  # a VAE or a pipeline folder
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in {path} (nor in {path / 'vae'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"--vae {source!r} is neither 'ema', 'mse', nor an existing file or folder")
+    return path
+
+
+def load_vae(source="mse", device="cpu"):
+    """The SD-VAE with the weights of `source` ("ema", "mse", a weight file or its folder), frozen, in eval mode.
+
+    A missing file is an error, never random weights. Both attention key spellings are accepted; any other
+    mismatch with the SD-VAE's layout fails strict loading.
+    """
+    path = vae_weights_path(source)
+    if path.suffix == ".safetensors":
+        state_dict = read_safetensors(path)
+    else:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    vae = AutoencoderKL()
+    try:
+        vae.load_state_dict(rename_old_attention_keys(state_dict), strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} is not an SD-VAE (AutoencoderKL) state dict:\n{e}") from None
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#################################################################################
+#                          Encoding and decoding in chunks                      #
+#################################################################################
+
+@torch.no_grad()
+def encode_images(vae, images, chunk_size=64, bf16=False):
+    """uint8 images (N, 3, H, W) → posterior moments (N, 8, H/8, W/8) float32: mean and std, concatenated.
+
+    This is what a prepared dataset stores (REPA's practice); `sample_latents` draws a training latent from it.
+    """
+    device = next(vae.parameters()).device
+    moments = []
+    for chunk in images.split(chunk_size):
+        x = chunk.to(device, torch.float32) / 127.5 - 1.0  # [0, 255] → [-1, 1]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            mean, std = vae.encode(x)
+        moments.append(torch.cat([mean, std], dim=1).float())
+    return torch.cat(moments)
+
+
+def sample_latents(moments):
+    """z = (mean + std·ε)·LATENT_SCALE, ε ~ N(0, I): a fresh posterior sample (N, 4, h, w) from (N, 8, h, w)."""
+    mean, std = moments.chunk(2, dim=1)
+    return (mean + std * torch.randn_like(mean)) * LATENT_SCALE
+
+
+@torch.no_grad()
+def decode_latents(vae, latents, chunk_size=64, bf16=False):
+    """Scaled latents (N, 4, h, w) → float32 images (N, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
+    device = next(vae.parameters()).device
+    images = []
+    for chunk in latents.split(chunk_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            images.append(vae.decode(chunk.to(device, torch.float32) / LATENT_SCALE).float())
+    return torch.cat(images)
+
+
+def main(args):
+    path = vae_weights_path(args.vae)
+    vae = load_vae(args.vae)
+    print(f"{path}: SD-VAE with {sum(p.numel() for p in vae.parameters()):,} parameters, "
+          f"sha256 {file_sha256(path)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Fetch the SD-VAE weights and check that they load.")
+    parser.add_argument("--vae", default="mse",
+                        help="'ema' or 'mse' (downloaded from Hugging Face), or a local weight file or folder")
+    main(parser.parse_args())
