@@ -127,17 +127,19 @@ def bench_data(args):
     N, S, num_classes = args.num_images, args.image_size, 1000
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "prepared"
-        meta = {"format": data.FORMAT_VERSION, "image_size": S, "images": True, "batch_size": 64, "num_images": N,
-                "files_sha256": "synthetic", "vae_sha256": "synthetic", "classes": [f"c{c}" for c in range(num_classes)]}
+        meta = {"format": data.FORMAT_VERSION, "image_size": S, "images": True, "batch_size": 64, "bf16": False,
+                "num_images": N, "files_sha256": "synthetic", "vae_sha256": "synthetic",
+                "classes": [f"c{c}" for c in range(num_classes)]}
         files = [f"c{i % num_classes}/{i}.JPEG" for i in range(N)]
         data.start_or_continue(out, meta, files, np.arange(N) % num_classes)
         rng = np.random.default_rng(0)
-        np.load(out / data.MOMENTS, mmap_mode="r+")[:] = rng.standard_normal((N, 2 * LATENT_CHANNELS, S // 8, S // 8))
+        np.load(out / data.MOMENTS, mmap_mode="r+")[:] = rng.standard_normal(
+            (N, 2 * LATENT_CHANNELS, S // DOWNSAMPLING, S // DOWNSAMPLING))
         np.load(out / data.IMAGES, mmap_mode="r+")[:] = rng.integers(0, 256, (N, 3, S, S), dtype=np.uint8)
         np.save(out / data.STATUS, np.full(N, data.DONE, dtype=np.uint8))
 
-        print(f"\nPreparedDataset at {S} px, batch {args.batch_size}, shuffled, {args.num_workers} DataLoader workers, "
-              f"{N} images in the page cache\n")
+        print(f"\nPreparedDataset at {S} px, batch {args.batch_size}, shuffled, {args.num_workers} DataLoader "
+              f"workers, {N} images in the page cache\n")
         print("| items | samples / s |")
         print("|---|---|")
         for images in (False, True):
@@ -154,6 +156,8 @@ def bench_data(args):
 
 
 def main(args):
+    if args.batch_size is None:
+        args.batch_size = {"step": 8, "data": 256}[args.benchmark]
     if args.benchmark == "data":
         bench_data(args)
         return
@@ -172,7 +176,4 @@ if __name__ == "__main__":
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")
     parser.add_argument("--num-images", type=int, default=4096, help="data: size of the synthetic folder")
-    args = parser.parse_args()
-    if args.batch_size is None:
-        args.batch_size = 8 if args.benchmark == "step" else 256
-    main(args)
+    main(parser.parse_args())

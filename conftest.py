@@ -7,8 +7,9 @@ import torch
 
 from vae import AutoencoderKL
 
-SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-                     torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                     torch.bool: "BOOL"}
 
 
 def write_safetensors(tensors, path, metadata=None):

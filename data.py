@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
-from distributed import barrier, close_distributed, init_distributed
+from runtime import barrier, close_distributed, git_commit, init_distributed
 from vae import DOWNSAMPLING, LATENT_CHANNELS, LATENT_SCALE, encode_images, file_sha256, load_vae, vae_weights_path
 
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ PENDING, DONE, SKIPPED = 0, 1, 2  # status.npy
 METADATA, FILES, LABELS, MOMENTS, IMAGES, STATUS = (
     "dataset.json", "files.txt", "labels.npy", "moments.npy", "images.npy", "status.npy")
 # What must agree for a re-run to continue a folder instead of being refused.
-CONFIGURATION = ("format", "image_size", "images", "batch_size", "num_images", "files_sha256", "vae_sha256")
+CONFIGURATION = ("format", "image_size", "images", "batch_size", "bf16", "num_images", "files_sha256", "vae_sha256")
 
 
 def center_crop_arr(pil_image, image_size):
@@ -221,7 +222,7 @@ class ImageFiles(Dataset):
             with Image.open(self.root / self.files[i]) as image:
                 array = center_crop_arr(image.convert("RGB"), self.image_size)
             return i, torch.from_numpy(array).permute(2, 0, 1).contiguous(), ""
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+        except Exception as e:  # whatever stops one file from decoding (PIL raises many kinds) skips that file only
             return i, torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
 
@@ -235,7 +236,7 @@ def start_or_continue(out, meta, files, labels):
             raise ValueError(f"{out} holds a dataset prepared with other settings ({'; '.join(changed)}); "
                              f"choose another --out or delete it")
         return
-    ours = {METADATA, FILES, LABELS, MOMENTS, IMAGES, STATUS}
+    ours = {METADATA, f"{METADATA}.tmp", FILES, LABELS, MOMENTS, IMAGES, STATUS}
     if out.exists() and not {p.name for p in out.iterdir()} <= ours:  # our own leftovers are recreated
         raise ValueError(f"--out {out} exists and is not a prepared dataset; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -256,18 +257,21 @@ def start_or_continue(out, meta, files, labels):
 def main(args):
     if args.image_size % DOWNSAMPLING:
         raise ValueError(f"--image-size must be a multiple of {DOWNSAMPLING} (the VAE's downsampling)")
-    rank, world_size, device = init_distributed()
+    # Rank 0 lists and hashes before the first barrier: on a slow file system that takes longer than the default
+    # 10-minute collective timeout.
+    rank, world_size, device = init_distributed(timeout=timedelta(hours=2))
     out = Path(args.out)
     if rank == 0:  # lists the images, fetches the weights, creates or checks the folder; the others wait
         files, labels, classes = list_image_folder(args.data_path)
         vae_path = vae_weights_path(args.vae)
         meta = {
             "format": FORMAT_VERSION, "image_size": args.image_size, "images": args.images,
-            "batch_size": args.batch_size, "num_images": len(files),
+            "batch_size": args.batch_size, "bf16": args.bf16, "num_images": len(files),
             "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
             "vae_sha256": file_sha256(vae_path), "vae": args.vae, "classes": classes,
             "source": str(Path(args.data_path).resolve()), "horizontal_flip": False,
             "moments": f"VAE posterior mean and std, unscaled: latents = (mean + std·ε)·{LATENT_SCALE}",
+            "torch": torch.__version__, "code": git_commit(),
         }
         start_or_continue(out, meta, files, labels)
         print(f"{len(files):,} images in {len(classes):,} classes → {out}")
@@ -284,6 +288,8 @@ def main(args):
     chunks = [range(k * B, min(N, (k + 1) * B)) for k in range(math.ceil(N / B))]
     pending = [chunk for chunk in chunks if (status[chunk.start:chunk.stop] == PENDING).any()]
     barrier()  # every rank has read the same status before anyone writes to it
+    if world_size > 1:
+        print(f"rank {rank}: {len(pending[rank::world_size])} of {len(pending)} pending batches")
     loader = DataLoader(ImageFiles(args.data_path, files, meta["image_size"]), batch_sampler=pending[rank::world_size],
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     vae = load_vae(args.vae, device)
@@ -291,7 +297,7 @@ def main(args):
         ok = torch.tensor([not error for error in errors])
         chunk_moments = torch.zeros(len(index), *moments.shape[1:])
         if ok.any():
-            chunk_moments[ok] = encode_images(vae, batch[ok].to(device), chunk_size=B, bf16=args.bf16).cpu()
+            chunk_moments[ok] = encode_images(vae, batch[ok], chunk_size=B, bf16=meta["bf16"]).cpu()
         lo, hi = int(index[0]), int(index[-1]) + 1
         moments[lo:hi] = chunk_moments.numpy()
         if images is not None:
@@ -322,5 +328,5 @@ if __name__ == "__main__":
                         help="keep the center-cropped images (REPA's encoder needs them; 3·S·S bytes each)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per VAE forward, per GPU")
     parser.add_argument("--num-workers", type=int, default=8, help="DataLoader workers decoding JPEGs, per GPU")
-    parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (faster; float32 default)")
+    parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (faster; float32 by default)")
     main(parser.parse_args())

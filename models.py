@@ -410,3 +410,31 @@ def build_model(name, **kwargs):
     if name not in SiT_models:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SiT_models)}")
     return SiT_models[name](**kwargs)
+
+
+TRAINING_HEADS = ("projectors.", "sra_head.")  # REPA's projectors and SRA's head: unused when sampling
+
+
+def config_from_state_dict(state_dict):
+    """(registry name, build_model keyword arguments) of the SiT network whose weights `state_dict` holds.
+
+    Width, depth, patch size, channels, input size, class count, learn_sigma and long residual connections are
+    read off the keys and shapes; the training-only heads (REPA projectors, SRA head) are left out, and the time
+    convention is not in the weights at all. The embedding table is assumed to hold the null class, as every
+    DiT / SiT / REPA checkpoint does. Raises a ValueError that says what the dict holds when it is not a SiT.
+    """
+    needed = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    missing = [key for key in needed if key not in state_dict]
+    if missing:
+        shown = ", ".join(list(state_dict)[:6]) + (", …" if len(state_dict) > 6 else "")
+        raise ValueError(f"not a SiT state dict: no {', '.join(missing)} among its {len(state_dict)} keys ({shown})")
+    D, C, p, _ = state_dict["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+    size = next((s for s, (d, width, _) in SIT_SIZES.items() if (d, width) == (depth, D)), None)
+    if size is None:
+        raise ValueError(f"a SiT of depth {depth} and width {D} matches no registered size ({', '.join(SIT_SIZES)})")
+    grid = math.isqrt(state_dict["pos_embed"].shape[1])  # tokens per side
+    out_channels = state_dict["final_layer.linear.weight"].shape[0] // (p * p)
+    return f"SiT-{size}/{p}", dict(
+        input_size=grid * p, in_channels=C, num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out_channels == 2 * C, long_residual="skip_linears.0.linear.weight" in state_dict)

@@ -1,6 +1,8 @@
 """CPU checks of data.py: ADM's crop, the built-in shapes, and preparing / reading a latent folder."""
 import argparse
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import write_safetensors
 from data import PreparedDataset, ShapesDataset, center_crop_arr, render_shape, shape_distance
 from vae import encode_images
 
@@ -39,6 +42,13 @@ def test_center_crop_halves_with_a_box_filter_while_the_short_side_is_at_least_t
     image = blocks.repeat(4, axis=0).repeat(4, axis=1)
     left = (3 * S // 2 - S) // 2
     np.testing.assert_array_equal(center_crop_arr(Image.fromarray(image), S), blocks[:, left:left + S])
+
+
+def test_center_crop_resizes_with_bicubic_filtering_and_rounded_sizes():
+    array = np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    # short side 24 < 2·16: no halving; scale 16/24 → 40·2/3 = 26.67 rounds to 27 columns; crop offset (27 − 16) // 2
+    expected = np.asarray(Image.fromarray(array).resize((27, 16), resample=Image.BICUBIC))[:, 5:21]
+    np.testing.assert_array_equal(center_crop_arr(Image.fromarray(array), S), expected)
 
 
 def test_center_crop_resizes_the_short_side_to_the_target():
@@ -142,6 +152,9 @@ def test_prepared_dataset_serves_moments_labels_and_images(prepared):
     moments, label, image = dataset[9]
     assert torch.equal(moments, torch.from_numpy(arrays[data.MOMENTS][done[9]])) and label == 2
     assert torch.equal(image, torch.from_numpy(arrays[data.IMAGES][done[9]]))
+    copy = pickle.loads(pickle.dumps(dataset))  # as a spawned DataLoader worker receives it: without the maps
+    assert copy._arrays is None and len(pickle.dumps(dataset)) < 10_000
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(copy[9], dataset[9]))
     batch = next(iter(torch.utils.data.DataLoader(PreparedDataset(prepared), batch_size=4, num_workers=2)))
     assert len(batch) == 2 and batch[0].shape == (4, 8, 2, 2) and batch[1].tolist() == [0, 0, 0, 0]
 
@@ -164,15 +177,36 @@ def test_an_interrupted_preparation_continues_to_the_same_result(prepared, image
     assert (status != data.PENDING).sum() == 6 and (status[6:] == data.PENDING).all()  # two batches of 3 done
     with pytest.raises(RuntimeError, match="only partly prepared"):
         PreparedDataset(out)
-    monkeypatch.setattr(data, "encode_images", encode_images)
+    calls.clear()
+    monkeypatch.setattr(data, "encode_images", lambda *a, **k: calls.append(1) or encode_images(*a, **k))
     data.main(prepare_args(image_tree, sd_vae[1], out))
+    assert len(calls) == 2  # only the two batches (of four) that were not written
     for name, array in read_arrays(prepared).items():
         np.testing.assert_array_equal(read_arrays(out)[name], array, err_msg=name)
 
 
+@pytest.mark.parametrize("change, refused", [({"image_size": 32}, "image_size: 16 there, 32 now"),
+                                             ({"images": False}, "images: True there, False now"),
+                                             ({"batch_size": 4}, "batch_size: 3 there, 4 now"),
+                                             ({"bf16": True}, "bf16: False there, True now")])
+def test_a_folder_of_other_settings_is_refused(prepared, image_tree, sd_vae, change, refused):
+    with pytest.raises(ValueError, match=f"other settings.*{refused}"):
+        data.main(prepare_args(image_tree, sd_vae[1], prepared, **change))
+
+
+def test_a_folder_of_other_vae_weights_or_images_is_refused(prepared, image_tree, sd_vae, tmp_path):
+    write_safetensors(sd_vae[0].state_dict(), tmp_path / "diffusion_pytorch_model.safetensors",
+                      metadata={"note": "the same weights in another file"})
+    with pytest.raises(ValueError, match="other settings.*vae_sha256"):
+        data.main(prepare_args(image_tree, tmp_path, prepared))
+    fewer = tmp_path / "tree"
+    shutil.copytree(image_tree, fewer)
+    (fewer / "n02_zebra" / "0.JPEG").unlink()
+    with pytest.raises(ValueError, match="other settings.*num_images: 11 there, 10 now.*files_sha256"):
+        data.main(prepare_args(fewer, sd_vae[1], prepared))
+
+
 def test_preparation_refuses_bad_inputs(prepared, image_tree, sd_vae, tmp_path):
-    with pytest.raises(ValueError, match="other settings.*image_size: 16 there, 32 now"):
-        data.main(prepare_args(image_tree, sd_vae[1], prepared, image_size=32))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("")
     with pytest.raises(ValueError, match="not a prepared dataset"):
@@ -185,6 +219,10 @@ def test_preparation_refuses_bad_inputs(prepared, image_tree, sd_vae, tmp_path):
         data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "out", image_size=20))
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
         PreparedDataset(tmp_path / "mine")
+    (tmp_path / "leftover").mkdir()  # a run stopped while creating its folder is started again, not refused
+    (tmp_path / "leftover" / f"{data.METADATA}.tmp").write_text("{")
+    data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "leftover", images=False))
+    assert len(PreparedDataset(tmp_path / "leftover")) == 10
 
 
 def test_a_folder_without_images_cannot_serve_them(image_tree, sd_vae, tmp_path):
@@ -205,5 +243,6 @@ def test_two_ranks_under_torchrun_give_the_one_process_result(prepared, image_tr
     result = subprocess.run(command, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped unreadable image" in result.stdout + result.stderr
+    assert "rank 0: 2 of 4 pending batches" in result.stdout and "rank 1: 2 of 4 pending batches" in result.stdout
     for name, array in read_arrays(prepared).items():
         np.testing.assert_array_equal(read_arrays(out)[name], array, err_msg=name)

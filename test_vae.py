@@ -60,6 +60,17 @@ def test_encode_images_scales_uint8_to_minus_one_one_and_chunks(sd_vae):
     torch.testing.assert_close(encode_images(vae, images, chunk_size=1), moments, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_autocast_runs_in_bfloat16_and_returns_float32(sd_vae):
+    vae = sd_vae[0]
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    fp32, bf16 = encode_images(vae, images), encode_images(vae, images, bf16=True)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # computed in bf16: rounded differently
+    torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0.1)
+    z = torch.randn(2, 4, 2, 2)
+    decoded = decode_latents(vae, z, bf16=True)
+    assert decoded.dtype == torch.float32 and not torch.equal(decoded, decode_latents(vae, z))
+
+
 def test_sample_latents_draws_a_scaled_posterior_sample():
     mean, std = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3)
     torch.manual_seed(5)
@@ -94,8 +105,10 @@ def test_read_safetensors_hand_written_bytes(tmp_path):
 
 
 def test_read_safetensors_round_trips_every_dtype(tmp_path):
-    tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
-               "i32": torch.arange(6, dtype=torch.int32).reshape(2, 3), "u8": torch.tensor([0, 255], dtype=torch.uint8),
+    tensors = {"f64": torch.randn(2, dtype=torch.float64), "f32": torch.randn(3, 4), "f16": torch.randn(5).half(),
+               "bf16": torch.randn(2, 2).bfloat16(), "i64": torch.tensor([-(2 ** 40), 3]),
+               "i32": torch.arange(6, dtype=torch.int32).reshape(2, 3), "i16": torch.tensor([-300], dtype=torch.int16),
+               "i8": torch.tensor([-5, 7], dtype=torch.int8), "u8": torch.tensor([0, 255], dtype=torch.uint8),
                "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 3), "scalar": torch.tensor(3.5)}
     write_safetensors(tensors, tmp_path / "x.safetensors", metadata={"note": "test"})
     read = read_safetensors(tmp_path / "x.safetensors")
@@ -113,10 +126,12 @@ def test_read_safetensors_rejects_broken_files(tmp_path):
     (tmp_path / "text.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a .safetensors file"):
         read_safetensors(tmp_path / "text.safetensors")
-    head = json.dumps({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}).encode()
-    (tmp_path / "dtype.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(8))
-    with pytest.raises(ValueError, match="unsupported dtype"):
-        read_safetensors(tmp_path / "dtype.safetensors")
+    for header, error in [({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, "unsupported dtype"),
+                          ([1, 2], "not a .safetensors file"), ({"a": {"dtype": "F32", "shape": [2]}}, "not a .safe")]:
+        head = json.dumps(header).encode()
+        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(8))
+        with pytest.raises(ValueError, match=error):
+            read_safetensors(tmp_path / "bad.safetensors")
 
 
 # ---------------------------------------------------------------- loading the public weights

@@ -17,9 +17,7 @@ Legend: N batch, C channels, H×W spatial size, T = H·W tokens.
 import argparse
 import hashlib
 import json
-import os
 import sys
-import urllib.error
 from pathlib import Path
 
 import torch
@@ -252,15 +250,19 @@ def read_safetensors(path):
         if not 0 < n <= len(data) - 8:
             raise ValueError(f"header length {n} does not fit in a file of {len(data)} bytes")
         header = json.loads(data[8:8 + n])
-    except ValueError as e:  # a bad length, bad UTF-8 or bad JSON
+        if not isinstance(header, dict) or not all(
+                isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()
+                for name, entry in header.items() if name != "__metadata__"):
+            raise ValueError("the header is not a map of tensor names to {dtype, shape, data_offsets}")
+    except ValueError as e:  # a bad length, bad UTF-8, bad JSON or a header of another layout
         raise ValueError(f"{path} is not a .safetensors file: {e}") from None
     body = memoryview(data)[8 + n:]
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
         dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
         begin, end = entry["data_offsets"]
         numel = 1
@@ -295,7 +297,7 @@ def vae_weights_path(source):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 torch.hub.download_url_to_file(url, str(path), progress=True)
-            except (urllib.error.URLError, OSError) as e:
+            except OSError as e:  # urllib's URLError included
                 raise RuntimeError(
                     f"could not download the SD-VAE weights from {url} ({e}). Download that file on a machine "
                     f"with internet access and pass its path (or its folder) as --vae PATH.") from None

@@ -1,0 +1,374 @@
+"""Sampling: ODE and SDE samplers with classifier-free guidance; PNG grids and ADM-style FID batches.
+
+    python sample.py --ckpt CKPT --cfg-scale 4.0                       # a PNG grid: 8 classes × 4 images
+    torchrun --nproc_per_node=8 sample.py --ckpt CKPT --num-fid-samples 50000 \\
+        --sampler sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7   # PNGs, then one .npz (arr_0)
+
+CKPT is a training checkpoint of this project (EMA weights unless --weights model), the official SiT-XL/2
+file, or REPA's last.pt. Every setting is printed and saved beside the outputs (`<name>.json`); a run interrupted
+and started again with the same command continues where it stopped and ends with the same files.
+
+Time convention (REPA's): samplers integrate from t = 1 (noise) to t = 0 (data).
+"""
+import argparse
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from runtime import barrier, close_distributed, git_commit, init_distributed
+from models import TRAINING_HEADS, build_model, config_from_state_dict
+from vae import LATENT_CHANNELS, decode_latents, file_sha256, load_vae
+
+SAMPLERS = ("euler", "heun", "sde")
+DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250}  # REPA's ODE default; the papers' SDE FID setting
+SDE_LAST_TIME = 0.04  # REPA: Euler–Maruyama down to t = 0.04, then one deterministic step to 0
+GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (ImageNet classes)
+
+
+#################################################################################
+#                                    Samplers                                   #
+#################################################################################
+
+def guidance_at(t, cfg_scale, interval):
+    """The guidance scale of a step that starts at time t: cfg_scale inside [low, high], else 1 (no guidance)."""
+    low, high = interval
+    return cfg_scale if low <= t <= high else 1.0
+
+
+def velocity(model, x, t, y, cfg_scale):
+    """v(x, t | y) as float64, guided with cfg_scale on all channels (1: one conditional forward alone).
+
+    x: (N, C, H, W) float64 state; t: a scalar time. The network runs in float32 (or under the caller's autocast),
+    as REPA's samplers run it, while the sampler accumulates in float64.
+    """
+    t_batch = torch.full((len(x),), float(t), device=x.device)  # (N,)
+    return model.forward_with_cfg(x.float(), t_batch, y, cfg_scale).double()
+
+
+@torch.no_grad()
+def euler_sampler(model, z, y, num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0), heun=False):
+    """The probability-flow ODE dx/dt = v(x, t | y), integrated from x = z at t = 1 to t = 0 on a uniform grid.
+
+    Euler:  x_{k+1} = x_k + (t_{k+1} − t_k)·v(x_k, t_k).
+    Heun:   x_{k+1} = x_k + (t_{k+1} − t_k)·(v(x_k, t_k) + v(x̃_{k+1}, t_{k+1}))/2, with x̃_{k+1} the Euler step,
+            on every step but the last, which stays Euler (as REPA and EDM; it would evaluate the network at t = 0).
+    Guidance is decided once per step, at the step's start time (as REPA), so both slopes of a Heun step come
+    from the same field. Network evaluations: num_steps (Euler), 2·num_steps − 1 (Heun).
+    """
+    t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    x = z.double()
+    for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        scale = guidance_at(t_cur, cfg_scale, interval)
+        v_cur = velocity(model, x, t_cur, y, scale)
+        x_next = x + (t_next - t_cur) * v_cur
+        if heun and k < num_steps - 1:
+            v_next = velocity(model, x_next, t_next, y, scale)
+            x_next = x + (t_next - t_cur) * (0.5 * v_cur + 0.5 * v_next)
+        x = x_next
+    return x.float()
+
+
+def score_from_velocity(v, x, t):
+    """Score of the linear path x_t = (1 − t)·x_0 + t·ε from its velocity v = ε − x_0: s(x, t) = −((1 − t)·v + x)/t.
+
+    From x_t = x_0 + t·v: E[ε | x_t] = x_t + (1 − t)·v, and s = −E[ε | x_t] / t.
+    """
+    return -((1 - t) * v + x) / t
+
+
+@torch.no_grad()
+def euler_maruyama_sampler(model, z, y, num_steps=250, cfg_scale=1.0, interval=(0.0, 1.0), noise=torch.randn_like):
+    """REPA's SDE sampler: reverse-time Euler–Maruyama with diffusion coefficient w(t) = 2t (SiT's "sigma" form):
+
+        x_{k+1} = x_k + [v − ½·w(t_k)·s(x_k, t_k)]·(t_{k+1} − t_k) + √w(t_k) · √|t_{k+1} − t_k| · ε_k,
+
+    v = v(x_k, t_k | y), s = score_from_velocity, on t = linspace(1, 0.04, num_steps) — num_steps − 1 stochastic
+    steps — then one step from 0.04 to 0 with the drift alone (the transition's mean): num_steps network
+    evaluations. `noise(x)` draws each ε_k, standard normal and shaped like x.
+    """
+    t_steps = torch.cat([torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64),
+                         torch.zeros(1, dtype=torch.float64)])
+    x = z.double()
+    for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        dt = t_next - t_cur  # < 0
+        w = 2 * t_cur
+        v = velocity(model, x, t_cur, y, guidance_at(t_cur, cfg_scale, interval))
+        drift = v - 0.5 * w * score_from_velocity(v, x, t_cur)
+        if k < num_steps - 1:
+            x = x + drift * dt + torch.sqrt(w) * (noise(x) * torch.sqrt(dt.abs()))
+        else:  # the last step, to t = 0: its mean
+            x = x + drift * dt
+    return x.float()
+
+
+def model_evaluations(sampler, num_steps):
+    """Network evaluations per sample (each is two batched forwards where guidance applies)."""
+    return 2 * num_steps - 1 if sampler == "heun" else num_steps
+
+
+#################################################################################
+#                        Randomness per sample, and images                      #
+#################################################################################
+
+class SampleRandomness:
+    """One random stream per sample index i, from numpy's generator seeded with (seed, i).
+
+    Sample i's label, starting noise and SDE noise then do not depend on the batch it falls in, the number of
+    processes, or an interruption: a resumed run writes exactly the files of an uninterrupted one.
+    """
+
+    def __init__(self, seed, indices):
+        self.rngs = [np.random.default_rng([seed, i]) for i in indices]
+
+    def labels(self, num_classes):
+        return torch.tensor([int(rng.integers(num_classes)) for rng in self.rngs])  # (N,), uniform as DiT / REPA
+
+    def normal(self, shape):
+        return torch.from_numpy(np.stack([rng.standard_normal(shape) for rng in self.rngs]))  # (N, *shape) float64
+
+
+def to_uint8(x):
+    """Images in [-1, 1], (N, 3, H, W) → (N, H, W, 3) uint8 by clamp(127.5·x + 128) rounded down (DiT / SiT)."""
+    return (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def generate(model, vae, indices, args, device, labels=None):
+    """uint8 images (N, H, W, 3) on the CPU for the given sample indices (labels drawn per sample if not given)."""
+    rand = SampleRandomness(args.seed, indices)
+    y = rand.labels(model.num_classes) if labels is None else labels
+    z = rand.normal((model.in_channels, model.input_size, model.input_size)).to(device)
+    y, interval = y.to(device), (args.guidance_low, args.guidance_high)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        if args.sampler == "sde":
+            x = euler_maruyama_sampler(model, z, y, args.num_steps, args.cfg_scale, interval,
+                                       noise=lambda like: rand.normal(like.shape[1:]).to(like.device))
+        else:
+            x = euler_sampler(model, z, y, args.num_steps, args.cfg_scale, interval, heun=args.sampler == "heun")
+    if vae is not None:
+        x = decode_latents(vae, x, chunk_size=len(x), bf16=args.precision == "bf16")
+    return to_uint8(x.cpu())
+
+
+def save_png(image, path):
+    """Write an (H, W, 3) uint8 image atomically: a killed run never leaves a truncated PNG behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image.numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_npz(folder, num_samples, path):
+    """Pack folder/000000.png … into `path` with one array `arr_0` (N, H, W, 3) uint8, as the ADM evaluator reads.
+
+    The .npy inside the (uncompressed) zip is streamed image by image, so 50K images never sit in memory at once.
+    """
+    first = np.asarray(Image.open(folder / f"{0:06d}.png"))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (num_samples, *first.shape)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            for i in tqdm(range(num_samples), desc="packing .npz"):
+                image = np.asarray(Image.open(folder / f"{i:06d}.png"))
+                if image.shape != first.shape:
+                    raise ValueError(f"{folder / f'{i:06d}.png'} has shape {image.shape}, not {first.shape}")
+                f.write(image.tobytes())
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                   Checkpoints                                 #
+#################################################################################
+
+def load_sampling_model(path, weights="ema", model_name=None):
+    """(network in eval mode, description) for a checkpoint of one of three kinds:
+
+    - this project's training checkpoint: a dict with "model", "ema" and "args"; `weights` picks the set;
+    - REPA's last.pt: a bare state dict with projectors, trained in this project's (REPA's) time convention;
+    - the official SiT-XL-2-256.pt: a bare state dict without projectors, in SiT's time convention (t = 1 data),
+      which the model converts (`sit_time=True`).
+    The architecture is read off the weights (`models.config_from_state_dict`); the training-only heads (REPA
+    projectors, SRA head) are not built, and everything else loads strictly.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports foreign pickles as UnpicklingError or RuntimeError, depending on version
+        raise ValueError(f"{path} is not a checkpoint this script reads (only tensors, dicts and plain values load "
+                         f"safely): {e}") from None
+    if isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys():
+        if weights not in ("ema", "model"):
+            raise ValueError(f"--weights must be 'ema' or 'model', got {weights!r}")
+        state_dict, kind, sit_time = ckpt[weights], "DiverseDiT training checkpoint", False
+    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if weights != "ema":
+            raise ValueError(f"{path} is a bare state dict, which holds one set of weights (the released EMA); "
+                             f"--weights {weights} applies to this project's training checkpoints only")
+        repa = any(key.startswith("projectors.") for key in ckpt)
+        state_dict, sit_time = ckpt, not repa
+        kind = "REPA state dict (REPA's time convention)" if repa else "SiT state dict (SiT's time convention)"
+    else:
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
+        raise ValueError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and args) "
+                         f"nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}"
+                         + (f" with keys {keys}" if keys else ""))
+    try:
+        name, config = config_from_state_dict(state_dict)
+    except ValueError as e:
+        raise ValueError(f"{path} ({kind}): {e}") from None
+    trained_as = ckpt["args"].get("model") if kind.startswith("DiverseDiT") else None
+    for claimed, source in ((model_name, "--model"), (trained_as, "its training arguments")):
+        if claimed is not None and claimed != name:
+            raise ValueError(f"{source} say(s) {claimed}, but {path} ({kind}) holds the weights of a {name}")
+    if config["in_channels"] not in (LATENT_CHANNELS, 3):
+        raise ValueError(f"{path} holds a model of {config['in_channels']} input channels: neither SD-VAE latents "
+                         f"({LATENT_CHANNELS}) nor RGB pixels (3)")
+    model = build_model(name, sit_time=sit_time, **config)
+    model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(TRAINING_HEADS)}, strict=True)
+    description = {"checkpoint_kind": kind, "weights": weights, "model": name, "sit_time": sit_time, **config}
+    return model.eval().requires_grad_(False), description
+
+
+def run_name(args, description):
+    """The outputs' name, DiT / SiT style: model, checkpoint and every setting that changes the images."""
+    ckpt = Path(args.ckpt)
+    stem = f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
+    name = (f"{description['model'].replace('/', '-')}-{stem}-{args.weights}-{args.sampler}-{args.num_steps}"
+            f"-cfg-{args.cfg_scale:g}")
+    if (args.guidance_low, args.guidance_high) != (0.0, 1.0):
+        name += f"-interval-{args.guidance_low:g}-{args.guidance_high:g}"
+    if description["in_channels"] == LATENT_CHANNELS:
+        name += f"-vae-{Path(args.vae).stem}"
+    return name + f"-{args.precision}-seed-{args.seed}"
+
+
+def settings_record(args, description, labels):
+    """Everything that decides the images, for the JSON beside the outputs."""
+    return {
+        "checkpoint": str(Path(args.ckpt).resolve()), "checkpoint_sha256": file_sha256(args.ckpt), **description,
+        "sampler": args.sampler, "num_steps": args.num_steps,
+        "model_evaluations": model_evaluations(args.sampler, args.num_steps),
+        "cfg_scale": args.cfg_scale, "guidance_interval": [args.guidance_low, args.guidance_high],
+        "precision": args.precision, "tf32": args.tf32, "seed": args.seed, "per_proc_batch_size": args.per_proc_batch_size,
+        "num_samples": args.num_fid_samples, "labels": labels,
+        "vae": args.vae if description["in_channels"] == LATENT_CHANNELS else None,
+        "uint8": "clamp(127.5·x + 128, 0, 255) rounded down", "torch": torch.__version__, "code": git_commit(),
+    }
+
+
+def beside(path, suffix):
+    """path + suffix; not Path.with_suffix, which would cut a name like "…-interval-0-0.7" at its dot."""
+    return path.parent / f"{path.name}{suffix}"
+
+
+def write_or_check_settings(path, settings):
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [key for key in settings if key != "code" and old.get(key) != settings[key]]
+        if changed:
+            raise ValueError(f"{path} records other settings for these outputs ({', '.join(changed)} differ); "
+                             f"move the old outputs away or change --sample-dir")
+    else:
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+#################################################################################
+#                                       Main                                    #
+#################################################################################
+
+def main(args):
+    args.num_steps = args.num_steps or DEFAULT_STEPS[args.sampler]
+    if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
+        raise ValueError(f"the guidance interval must satisfy 0 ≤ low ≤ high ≤ 1, got [{args.guidance_low}, "
+                         f"{args.guidance_high}]")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    rank, world_size, device = init_distributed()
+    model, description = load_sampling_model(args.ckpt, args.weights, args.model)
+    model.to(device)
+    vae = load_vae(args.vae, device) if description["in_channels"] == LATENT_CHANNELS else None
+    out = Path(args.sample_dir)
+    name = run_name(args, description)
+    if args.num_fid_samples is None:
+        sample_grid(model, vae, args, description, out / f"{name}-grid", rank, device)
+    else:
+        sample_fid_batch(model, vae, args, description, out / name, rank, world_size, device)
+    close_distributed()
+
+
+def sample_grid(model, vae, args, description, stem, rank, device):
+    """A PNG grid: one row per class, `images_per_class` columns (rank 0 only)."""
+    if rank != 0:
+        return
+    classes = args.class_labels or (GRID_CLASSES if model.num_classes == 1000 else list(range(min(8, model.num_classes))))
+    if not all(0 <= c < model.num_classes for c in classes):
+        raise ValueError(f"--class-labels must lie in 0..{model.num_classes - 1}, got {classes}")
+    labels = torch.tensor([c for c in classes for _ in range(args.images_per_class)])
+    settings = settings_record(args, description, classes)
+    print(json.dumps(settings, indent=1))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    batches = torch.arange(len(labels)).split(args.per_proc_batch_size)
+    images = torch.cat([generate(model, vae, batch.tolist(), args, device, labels[batch])
+                        for batch in tqdm(batches, desc="sampling")])  # (N, H, W, 3)
+    grid = make_grid(images.permute(0, 3, 1, 2), nrow=args.images_per_class, padding=2, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(beside(stem, ".png"))
+    beside(stem, ".json").write_text(json.dumps(settings, indent=1) + "\n")
+    print(f"saved {beside(stem, '.png')}")
+
+
+def sample_fid_batch(model, vae, args, description, folder, rank, world_size, device):
+    """folder/000000.png … and folder.npz: `num_fid_samples` images, labels uniform per sample, split over ranks."""
+    N, B = args.num_fid_samples, args.per_proc_batch_size
+    npz = beside(folder, ".npz")
+    if rank == 0:
+        settings = settings_record(args, description, "uniform random per sample")
+        print(json.dumps(settings, indent=1))
+        folder.mkdir(parents=True, exist_ok=True)
+        write_or_check_settings(beside(folder, ".json"), settings)
+    barrier()
+    # Fixed batches of sample indices, so a batch recomputed after an interruption is the same batch.
+    batches = [list(range(k, min(N, k + B))) for k in range(0, N, B)]
+    pending = [batch for batch in batches if not all((folder / f"{i:06d}.png").is_file() for i in batch)]
+    barrier()  # every rank has listed the same pending batches before any writes
+    if rank == 0 and len(pending) < len(batches):
+        print(f"continuing: {len(batches) - len(pending)} of {len(batches)} batches are already written")
+    for batch in tqdm(pending[rank::world_size], desc="sampling", disable=rank != 0):
+        for i, image in zip(batch, generate(model, vae, batch, args, device)):
+            save_png(image, folder / f"{i:06d}.png")
+    barrier()
+    if rank == 0 and not npz.is_file():
+        write_npz(folder, N, npz)
+        print(f"saved {npz} ({N} images)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a training checkpoint, SiT-XL-2-256.pt, or REPA's last.pt")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a training checkpoint")
+    parser.add_argument("--model", default=None, help="expected model (e.g. SiT-XL/2); read from the weights anyway")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="euler",
+                        help="euler / heun (ODE) or sde (Euler–Maruyama, the papers' FID sampler)")
+    parser.add_argument("--num-steps", type=int, default=None, help="default: 50 for euler / heun, 250 for sde")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance (the papers' tables without CFG)")
+    parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only where low ≤ t ≤ high (REPA)")
+    parser.add_argument("--guidance-high", type=float, default=1.0)
+    parser.add_argument("--num-fid-samples", type=int, default=None, help="write this many PNGs and an .npz; "
+                                                                          "without it, a grid")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="grid classes")
+    parser.add_argument("--images-per-class", type=int, default=4, help="grid columns")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="sample i draws from a generator seeded with (seed, i)")
+    parser.add_argument("--vae", default="ema", help="decoder: 'ema' or 'mse' (SiT / REPA sample with ema), or a path")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16 autocast for the network and the decoder: faster, changes FID slightly")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPUs")
+    parser.add_argument("--sample-dir", default="samples")
+    main(parser.parse_args())
