@@ -2,6 +2,7 @@
 
     python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10]
     python bench.py data [--batch-size 256 --num-workers 2 --num-images 4096]
+    python bench.py sampler [--model SiT-Tiny/4 --batch-size 16 --num-steps 50 --steps 10]
 
 step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
 device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (what DiverseDiT
@@ -14,6 +15,11 @@ resolves its share of a step far more precisely.
 data: samples per second that a prepared folder (`data.py`) serves through a shuffling DataLoader, with and
 without the images REPA needs; the folder is synthetic (random moments and images, written in the real layout)
 and read from the page cache.
+
+sampler: sample.py's samplers on the built-in dataset's workload (3×32×32 pixels, 10 classes), each against the
+bare network forwards it makes, so that the difference is the sampler loop's own cost; and classifier-free
+guidance over the whole time range against a guidance interval, where steps outside the interval make one forward
+instead of a doubled one. Interleaved rounds and medians of per-round ratios, as for `step`.
 """
 import argparse
 import statistics
@@ -28,6 +34,7 @@ from torch.utils.data import DataLoader
 import data
 from losses import adaptive_weight, diversity_loss, diversity_pairs, flow_matching_loss, interpolate
 from models import build_model
+from sample import SampleRandomness, euler_maruyama_sampler, euler_sampler
 from vae import DOWNSAMPLING, LATENT_CHANNELS
 
 LEARNING_RATE = 1e-4                      # SiT / REPA's AdamW learning rate (the step's cost does not depend on it)
@@ -155,23 +162,93 @@ def bench_data(args):
                   f"{count / (time.perf_counter() - start):,.0f} |")
 
 
+class NullNetwork(torch.nn.Module):
+    """A stand-in network that costs nothing, so that a sampler's remaining time is its own loop."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, interval=(0.0, 1.0)):
+        return torch.zeros_like(x)
+
+
+def bench_sampler(args, device):
+    """Each sampler against the network forwards it makes, on the built-in dataset's workload."""
+    torch.manual_seed(0)
+    shapes = data.ShapesDataset()
+    C, H, _ = shapes.input_shape
+    model = build_model(args.model, input_size=H, in_channels=C, num_classes=shapes.num_classes).to(device).eval()
+    n, K = args.batch_size, args.num_steps
+    z = torch.randn(n, C, H, H, device=device)
+    y = torch.randint(0, shapes.num_classes, (n,), device=device)
+    rand = SampleRandomness(0, range(n))
+    guided_steps = sum(1 for k in range(K) if 1 - k / K <= 0.7)
+
+    @torch.no_grad()
+    def forwards(count, batch):
+        x, labels = torch.cat([z] * (batch // n)), torch.cat([y] * (batch // n))
+        for k in range(count):
+            model(x, torch.full((batch,), 1 - k / count, device=device), labels)
+
+    def sde(network):
+        noise = lambda like: rand.normal(like.shape[1:]).to(like.device)  # noqa: E731
+        euler_maruyama_sampler(network, z, y, K, noise=noise)
+
+    null = NullNetwork(shapes.num_classes)
+    bare, bare2 = f"{K} forwards, batch {n}", f"{K} forwards, batch {2 * n}"
+    runs = {  # name: (what to time, the bare-forward run it is compared with)
+        bare: (lambda: forwards(K, n), None),
+        f"euler, {K} steps": (lambda: euler_sampler(model, z, y, K), bare),
+        f"euler loop alone (network stubbed out)": (lambda: euler_sampler(null, z, y, K), bare),
+        f"sde, {K} steps, per-sample noise": (lambda: sde(model), bare),
+        f"sde loop alone (network stubbed out)": (lambda: sde(null), bare),
+        bare2: (lambda: forwards(K, 2 * n), None),
+        "euler, cfg 4, t in [0, 1]": (lambda: euler_sampler(model, z, y, K, 4.0), bare2),
+        f"euler, cfg 4, t in [0, 0.7] ({guided_steps} of {K} steps guided)": (
+            lambda: euler_sampler(model, z, y, K, 4.0, (0.0, 0.7)), bare2),
+    }
+    names = list(runs)
+    times = {name: [] for name in names}
+    for r in range(args.warmup + args.steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name][0]()
+            synchronize(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    print(f"\n{args.model} on {C}×{H}×{H} inputs, batch {n}, fp32, {device.type} ({torch.get_num_threads()} threads), "
+          f"{args.steps} rounds after {args.warmup} warm-up rounds\n")
+    print("| run | s (median) | vs its bare forwards (median of per-round ratios) |")
+    print("|---|---|---|")
+    for name, (_, base) in runs.items():
+        ratio = "" if base is None else f"{statistics.median(a / b for a, b in zip(times[name], times[base])):.3f}×"
+        print(f"| {name} | {statistics.median(times[name]):.3f} | {ratio} |")
+
+
+BENCHMARK_DEFAULTS = {"step": ("SiT-B/2", 8), "data": (None, 256), "sampler": ("SiT-Tiny/4", 16)}  # model, batch
+
+
 def main(args):
-    if args.batch_size is None:
-        args.batch_size = {"step": 8, "data": 256}[args.benchmark]
+    default_model, default_batch = BENCHMARK_DEFAULTS[args.benchmark]
+    args.model = args.model or default_model
+    args.batch_size = args.batch_size or default_batch
     if args.benchmark == "data":
         bench_data(args)
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bench_step(args, device)
+    (bench_step if args.benchmark == "step" else bench_sampler)(args, device)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="step", choices=["step", "data"])
-    parser.add_argument("--model", default="SiT-B/2")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 for step, 256 for data")
+    parser.add_argument("benchmark", nargs="?", default="step", choices=list(BENCHMARK_DEFAULTS))
+    parser.add_argument("--model", default=None, help="default: SiT-B/2 for step, SiT-Tiny/4 for sampler")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 for step, 256 for data, 16 for sampler")
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step per variant each)")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
+    parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")

@@ -7,7 +7,7 @@ import torch
 
 import models
 from losses import diversity_loss, diversity_pairs
-from models import SiT, build_model
+from models import SiT, build_model, config_from_state_dict
 
 # Parameter counts with 4 output channels, computed from the architecture (DiT/SiT/REPA; fast-DiT logs
 # 675,129,632 for XL/2 with learn_sigma).
@@ -108,6 +108,32 @@ def test_repa_xl2_layout_equals_the_official_last_pt():
     with torch.device("meta"):
         model = build_model("SiT-XL/2", z_dims=[768], encoder_depth=8)
     assert state_dict_shapes(model) == official("SiT-XL/2 (sihyun-yu/REPA")
+
+
+def test_the_official_layouts_are_recognised_from_their_shapes():
+    for prefix, learn_sigma in [("SiT-XL/2 (willisma/SiT", True), ("SiT-XL/2 (sihyun-yu/REPA", False)]:
+        state_dict = {key: torch.empty(shape, device="meta") for key, shape in official(prefix).items()}
+        assert config_from_state_dict(state_dict) == ("SiT-XL/2", dict(
+            input_size=32, in_channels=4, num_classes=1000, learn_sigma=learn_sigma, long_residual=False))
+
+
+@pytest.mark.parametrize("name", ["SiT-S/4", "SiT-B/8", "SiT-L/2", "SiT-Tiny/4"])
+def test_config_from_state_dict_rebuilds_the_same_network(name):
+    config = dict(input_size=16, in_channels=3, num_classes=7, learn_sigma=name.endswith("/8"),
+                  long_residual=name.startswith("SiT-L"))
+    with torch.device("meta"):
+        model = build_model(name, z_dims=[32], encoder_depth=2, sra_depth=3, **config)
+    assert config_from_state_dict(model.state_dict()) == (name, config)  # the training heads are left out
+
+
+def test_config_from_state_dict_says_what_it_got():
+    with pytest.raises(ValueError, match="not a SiT state dict: no x_embedder.proj.weight.*encoder.conv_in"):
+        config_from_state_dict({"encoder.conv_in.weight": torch.zeros(1), "pos_embed": torch.zeros(1)})
+    with torch.device("meta"):
+        state_dict = build_model("SiT-B/2").state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("blocks.11.")}  # depth 11
+    with pytest.raises(ValueError, match="depth 11 and width 768 matches no registered size"):
+        config_from_state_dict(state_dict)
 
 
 def test_learn_sigma_discards_the_variance_channels():

@@ -1,6 +1,10 @@
 """CPU checks of sample.py: samplers against hand-written loops, guidance, checkpoints, resumable FID batches."""
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +297,17 @@ def test_latent_models_are_decoded_by_the_vae(sd_vae, tmp_path):
     expected = to_uint8(sd_vae[0].decode(torch.stack(latents) / 0.18215)).numpy()
     for i in range(2):
         np.testing.assert_array_equal(np.asarray(Image.open(folder / f"{i:06d}.png")), expected[i])
+
+
+def test_two_ranks_under_torchrun_write_the_one_process_files(pixel_checkpoint, tmp_path):
+    sample.main(sample_args(pixel_checkpoint, tmp_path / "one"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py",
+               "--ckpt", str(pixel_checkpoint), "--num-steps", "3", "--cfg-scale", "1.5", "--guidance-high", "0.7",
+               "--num-fid-samples", "5", "--per-proc-batch-size", "2", "--sample-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = run_folder(tmp_path / "one"), run_folder(tmp_path / "two")
+    assert one.name == two.name
+    for i in range(5):
+        assert (one / f"{i:06d}.png").read_bytes() == (two / f"{i:06d}.png").read_bytes(), i
