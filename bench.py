@@ -3,6 +3,8 @@
     python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10]
     python bench.py data [--batch-size 256 --num-workers 2 --num-images 4096]
     python bench.py sampler [--model SiT-Tiny/4 --batch-size 16 --num-steps 50 --steps 10]
+    python bench.py train [--model SiT-B/2 --batch-size 8 --steps 5 --rounds 3]
+    python bench.py fid [--batch-size 50 --num-images 200]
 
 step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
 device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (what DiverseDiT
@@ -20,8 +22,17 @@ sampler: sample.py's samplers on the built-in dataset's workload (3×32×32 pixe
 bare network forwards it makes, so that the difference is the sampler loop's own cost; and classifier-free
 guidance over the whole time range against a guidance interval, where steps outside the interval make one forward
 instead of a doubled one. Interleaved rounds and medians of per-round ratios, as for `step`.
+
+train: a whole train.py step (data loading from a synthetic prepared folder, the posterior sample, the losses,
+gradient clipping, AdamW, the EMA update and the bookkeeping) against the bare model step of `step`, plain SiT.
+
+fid: fid.py's Inception feature extraction rate (random-weight network, random images), and the time and peak
+memory of precision / recall on 20,000 × 10,000 random 2048-d features (10,000 × 10,000 distance blocks).
 """
 import argparse
+import json
+import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,6 +43,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
+import fid
+import train
 from losses import adaptive_weight, diversity_loss, diversity_pairs, flow_matching_loss, interpolate
 from models import build_model
 from sample import SampleRandomness, euler_maruyama_sampler, euler_sampler
@@ -129,21 +142,27 @@ def time_diversity_loss_alone(shapes, device, rounds):
     return statistics.median(times[1:])
 
 
+def synthetic_prepared_folder(out, num_images, image_size, num_classes=1000):
+    """A prepared folder in data.py's layout, filled with random moments and images (for timing only)."""
+    N, S = num_images, image_size
+    meta = {"format": data.FORMAT_VERSION, "image_size": S, "images": True, "batch_size": 64, "bf16": False,
+            "num_images": N, "files_sha256": "synthetic", "vae_sha256": "synthetic",
+            "classes": [f"c{c}" for c in range(num_classes)]}
+    files = [f"c{i % num_classes}/{i}.JPEG" for i in range(N)]
+    data.start_or_continue(out, meta, files, np.arange(N) % num_classes)
+    rng = np.random.default_rng(0)
+    np.load(out / data.MOMENTS, mmap_mode="r+")[:] = rng.standard_normal(
+        (N, 2 * LATENT_CHANNELS, S // DOWNSAMPLING, S // DOWNSAMPLING))
+    np.load(out / data.IMAGES, mmap_mode="r+")[:] = rng.integers(0, 256, (N, 3, S, S), dtype=np.uint8)
+    np.save(out / data.STATUS, np.full(N, data.DONE, dtype=np.uint8))
+    return out
+
+
 def bench_data(args):
     """Samples / s of PreparedDataset through a shuffling DataLoader, from a synthetic folder in the real layout."""
-    N, S, num_classes = args.num_images, args.image_size, 1000
+    N, S = args.num_images, args.image_size
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "prepared"
-        meta = {"format": data.FORMAT_VERSION, "image_size": S, "images": True, "batch_size": 64, "bf16": False,
-                "num_images": N, "files_sha256": "synthetic", "vae_sha256": "synthetic",
-                "classes": [f"c{c}" for c in range(num_classes)]}
-        files = [f"c{i % num_classes}/{i}.JPEG" for i in range(N)]
-        data.start_or_continue(out, meta, files, np.arange(N) % num_classes)
-        rng = np.random.default_rng(0)
-        np.load(out / data.MOMENTS, mmap_mode="r+")[:] = rng.standard_normal(
-            (N, 2 * LATENT_CHANNELS, S // DOWNSAMPLING, S // DOWNSAMPLING))
-        np.load(out / data.IMAGES, mmap_mode="r+")[:] = rng.integers(0, 256, (N, 3, S, S), dtype=np.uint8)
-        np.save(out / data.STATUS, np.full(N, data.DONE, dtype=np.uint8))
+        out = synthetic_prepared_folder(Path(tmp) / "prepared", N, S)
 
         print(f"\nPreparedDataset at {S} px, batch {args.batch_size}, shuffled, {args.num_workers} DataLoader "
               f"workers, {N} images in the page cache\n")
@@ -169,8 +188,75 @@ class NullNetwork(torch.nn.Module):
         super().__init__()
         self.num_classes = num_classes
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, interval=(0.0, 1.0)):
+    def forward_with_cfg(self, x, t, y, cfg_scale):
         return torch.zeros_like(x)
+
+
+def bench_train(args, device):
+    """A whole train.py step against the bare model step (forward, backward, AdamW) at the same batch.
+
+    train.py runs on a synthetic prepared folder for 2K steps, logging every K: the second interval's rate is the
+    steady state (the first includes start-up). Rounds alternate train.py and the bare step.
+    """
+    K, latent = args.steps, args.image_size // DOWNSAMPLING
+    model = build_model(args.model, input_size=latent).to(device).train()
+    x = torch.randn(args.batch_size, LATENT_CHANNELS, latent, latent, device=device)
+    eps, t = torch.randn_like(x), torch.rand(args.batch_size, device=device)
+    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+    bare_step = make_train_step(model, with_diversity=False)
+    train_times, bare_times = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = synthetic_prepared_folder(Path(tmp) / "prepared", max(4 * K * args.batch_size, 64), args.image_size)
+        for r in range(args.rounds):
+            results = Path(tmp) / f"results{r}"
+            train.main(train.parse_args([
+                "--model", args.model, "--data-path", str(folder), "--global-batch-size", str(args.batch_size),
+                "--max-steps", str(2 * K), "--log-every", str(K), "--sample-every", "0", "--results-dir",
+                str(results), "--num-workers", str(args.num_workers), "--precision", "fp32", "--no-compile"]))
+            metrics = (next(results.iterdir()) / "metrics.jsonl").read_text().splitlines()
+            train_times.append(1 / json.loads(metrics[-1])["steps_per_sec"])
+            shutil.rmtree(results)
+            bare_step(x, eps, t, y)  # warm-up
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(K):
+                bare_step(x, eps, t, y)
+            synchronize(device)
+            bare_times.append((time.perf_counter() - start) / K)
+    print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px latents, fp32, {device.type} "
+          f"({torch.get_num_threads()} threads), {args.rounds} rounds of {K} steps, {args.num_workers} workers\n")
+    print("| round | train.py s / step | bare model s / step | ratio |")
+    print("|---|---|---|---|")
+    for r, (a, b) in enumerate(zip(train_times, bare_times)):
+        print(f"| {r + 1} | {a:.3f} | {b:.3f} | {a / b:.3f}× |")
+    print(f"| median | | | {statistics.median(a / b for a, b in zip(train_times, bare_times)):.3f}× |")
+
+
+def bench_fid(args, device):
+    """fid.py's feature extraction (images / s) and precision / recall on 20K × 10K features (time, peak memory)."""
+    torch.manual_seed(0)
+    model = fid.FIDInception().eval().to(device)  # random weights: the speed does not depend on them
+    source = fid.Source(args.num_images, lambda start, stop, size: (
+        np.random.default_rng(lo).integers(0, 256, (min(stop, lo + size) - lo, args.image_size, args.image_size, 3),
+                                          dtype=np.uint8) for lo in range(start, stop, size)), {}, None)
+    fid.extract_features(model, fid.Source(args.batch_size, source.batches, {}, None), args.batch_size)  # warm-up
+    start = time.perf_counter()
+    fid.extract_features(model, source, args.batch_size)
+    extraction = args.num_images / (time.perf_counter() - start)
+    rng = np.random.default_rng(0)
+    ref, samples = (rng.standard_normal((n, 2048), dtype=np.float32) for n in (10_000, 20_000))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    fid.precision_recall(ref, samples)
+    pr_seconds = time.perf_counter() - start
+    peak_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2 ** 20  # KiB → GiB
+    print(f"\nfid.py on {device.type} ({torch.get_num_threads()} threads)\n")
+    print("| measurement | value |")
+    print("|---|---|")
+    print(f"| feature extraction, {args.num_images} random {args.image_size}-px images, batch {args.batch_size} | "
+          f"{extraction:.2f} images / s |")
+    print(f"| precision / recall, 20,000 samples × 10,000 references, 2048-d | {pr_seconds:.1f} s, peak memory "
+          f"+{peak_growth:.2f} GiB |")
 
 
 def bench_sampler(args, device):
@@ -200,9 +286,9 @@ def bench_sampler(args, device):
     runs = {  # name: (what to time, the bare-forward run it is compared with)
         bare: (lambda: forwards(K, n), None),
         f"euler, {K} steps": (lambda: euler_sampler(model, z, y, K), bare),
-        f"euler loop alone (network stubbed out)": (lambda: euler_sampler(null, z, y, K), bare),
+        "euler loop alone (network stubbed out)": (lambda: euler_sampler(null, z, y, K), bare),
         f"sde, {K} steps, per-sample noise": (lambda: sde(model), bare),
-        f"sde loop alone (network stubbed out)": (lambda: sde(null), bare),
+        "sde loop alone (network stubbed out)": (lambda: sde(null), bare),
         bare2: (lambda: forwards(K, 2 * n), None),
         "euler, cfg 4, t in [0, 1]": (lambda: euler_sampler(model, z, y, K, 4.0), bare2),
         f"euler, cfg 4, t in [0, 0.7] ({guided_steps} of {K} steps guided)": (
@@ -227,18 +313,21 @@ def bench_sampler(args, device):
         print(f"| {name} | {statistics.median(times[name]):.3f} | {ratio} |")
 
 
-BENCHMARK_DEFAULTS = {"step": ("SiT-B/2", 8), "data": (None, 256), "sampler": ("SiT-Tiny/4", 16)}  # model, batch
+BENCHMARK_DEFAULTS = {  # model, batch
+    "step": ("SiT-B/2", 8), "data": (None, 256), "sampler": ("SiT-Tiny/4", 16), "train": ("SiT-B/2", 8),
+    "fid": (None, 50)}
 
 
 def main(args):
     default_model, default_batch = BENCHMARK_DEFAULTS[args.benchmark]
+    args.num_images = args.num_images or {"data": 4096, "fid": 200}.get(args.benchmark)
     args.model = args.model or default_model
     args.batch_size = args.batch_size or default_batch
     if args.benchmark == "data":
         bench_data(args)
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    (bench_step if args.benchmark == "step" else bench_sampler)(args, device)
+    {"step": bench_step, "sampler": bench_sampler, "train": bench_train, "fid": bench_fid}[args.benchmark](args, device)
 
 
 if __name__ == "__main__":
@@ -249,8 +338,10 @@ if __name__ == "__main__":
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
     parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
+    parser.add_argument("--rounds", type=int, default=3, help="train: alternations of train.py and the bare step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")
-    parser.add_argument("--num-images", type=int, default=4096, help="data: size of the synthetic folder")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="data: size of the synthetic folder (4096); fid: images to extract (200)")
     main(parser.parse_args())

@@ -91,10 +91,14 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def forward(self, y):
+    def drop(self, y):
+        """The labels the network sees: in training, each one replaced by the null class with `dropout_prob`."""
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
             y = torch.where(drop, self.num_classes, y)
+        return y
+
+    def forward(self, y):
         return self.embedding_table(y)  # (N, D)
 
 
@@ -298,7 +302,8 @@ class SiT(nn.Module):
         x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) class labels, `num_classes` = null.
         Returns v: (N, C, H, W). With `return_features`, returns (v, Features) where Features holds the outputs
         of all L blocks (after any long-residual fusion, before the final layer, not detached), the REPA
-        projector outputs and the SRA head's output. Without it, none of these is computed or kept.
+        projector outputs, the SRA head's output and the labels after dropout. Without it, none of these is
+        computed or kept.
 
         With `sit_time`, the weights expect SiT's convention (t = 1 data, v = x − ε), and this returns
         v(x, t) = −v_sit(x, 1 − t), the same velocity field in this project's convention.
@@ -308,6 +313,7 @@ class SiT(nn.Module):
                              f"{self.input_size}), got {tuple(x.shape)}")
         if self.sit_time:
             t = 1 - t
+        y = self.y_embedder.drop(y)  # label dropout for classifier-free guidance, in training only
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
 
@@ -333,27 +339,24 @@ class SiT(nn.Module):
             x = x[:, :self.in_channels]  # learn_sigma: drop the variance channels, as SiT does
         if self.sit_time:
             x = -x
-        return (x, Features(blocks, repa, sra)) if return_features else x
+        return (x, Features(blocks, repa, sra, y)) if return_features else x
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, interval=(0.0, 1.0)):
-        """Classifier-free guidance on all channels: v = v(∅) + s·(v(y) − v(∅)) where low ≤ t ≤ high.
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance on all channels: v = v(∅) + s·(v(y) − v(∅)), in float32.
 
-        Outside the interval [low, high] of t, the conditional prediction is used unguided (the guidance interval
-        of Kynkäänniemi et al. 2024, as REPA applies it). Where guidance applies, the conditional and
-        unconditional predictions come from one batched forward; where it applies to no sample, only the
-        conditional forward runs.
+        The conditional and unconditional predictions come from one batched forward; with s = 1 only the
+        conditional forward runs. Where along the trajectory to guide (REPA's interval) is the sampler's choice
+        (`sample.guidance_at`). The combination is done in float32 even under bf16 autocast, where the
+        difference v(y) − v(∅) would otherwise lose most of its digits.
         """
+        if cfg_scale == 1.0:
+            return self(x, t, y).float()
         if self.y_embedder.embedding_table.num_embeddings == self.num_classes:
             raise ValueError("this model has no null class (class_dropout_prob=0), so it cannot be guided")
-        low, high = interval
-        guided = (t >= low) & (t <= high)  # (N,)
-        if cfg_scale == 1.0 or not bool(guided.any()):
-            return self(x, t, y)
         y_null = torch.full_like(y, self.num_classes)
         # One batched forward: conditional on top, unconditional below; 2 × (N, C, H, W).
-        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)
-        v_guided = v_uncond + cfg_scale * (v_cond - v_uncond)
-        return torch.where(guided[:, None, None, None], v_guided, v_cond)  # guided: (N,) → (N, 1, 1, 1)
+        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).float().chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 class Features(NamedTuple):
@@ -361,6 +364,7 @@ class Features(NamedTuple):
     blocks: list            # L tensors (N, T, D): each block's output after its long-residual fusion, if any
     repa: list              # one (N, T, Z) per REPA projector; empty without projectors
     sra: Optional[Tensor]   # (N, T, D): the SRA head on block `sra_depth`'s output, or None
+    labels: Tensor          # (N,): the labels the network saw, after label dropout (SRA's teacher sees the same)
 
 
 #################################################################################
@@ -429,12 +433,18 @@ def config_from_state_dict(state_dict):
         shown = ", ".join(list(state_dict)[:6]) + (", …" if len(state_dict) > 6 else "")
         raise ValueError(f"not a SiT state dict: no {', '.join(missing)} among its {len(state_dict)} keys ({shown})")
     D, C, p, _ = state_dict["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+    blocks = {int(key.split(".")[1]) for key in state_dict if key.startswith("blocks.")}
+    if not blocks:
+        raise ValueError("not a SiT state dict: it has no transformer blocks (blocks.*)")
+    depth = 1 + max(blocks)
     size = next((s for s, (d, width, _) in SIT_SIZES.items() if (d, width) == (depth, D)), None)
     if size is None:
         raise ValueError(f"a SiT of depth {depth} and width {D} matches no registered size ({', '.join(SIT_SIZES)})")
     grid = math.isqrt(state_dict["pos_embed"].shape[1])  # tokens per side
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_channels not in (C, 2 * C):
+        raise ValueError(f"the final layer predicts {out_channels} channels for {C} input channels (expected {C}, "
+                         f"or {2 * C} with learn_sigma)")
     return f"SiT-{size}/{p}", dict(
         input_size=grid * p, in_channels=C, num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
         learn_sigma=out_channels == 2 * C, long_residual="skip_linears.0.linear.weight" in state_dict)

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from runtime import barrier, close_distributed, git_commit, init_distributed
 from models import TRAINING_HEADS, build_model, config_from_state_dict
-from vae import LATENT_CHANNELS, decode_latents, file_sha256, load_vae
+from vae import LATENT_CHANNELS, decode_latents, file_sha256, load_vae, vae_weights_path
 
 SAMPLERS = ("euler", "heun", "sde")
 DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250}  # REPA's ODE default; the papers' SDE FID setting
@@ -37,7 +38,11 @@ GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (
 #################################################################################
 
 def guidance_at(t, cfg_scale, interval):
-    """The guidance scale of a step that starts at time t: cfg_scale inside [low, high], else 1 (no guidance)."""
+    """The guidance scale of a step that starts at time t: cfg_scale inside [low, high], else 1 (no guidance).
+
+    The one place that decides where to guide. REPA guides only when cfg_scale > 1; here any scale other than 1
+    guides (the two agree on every scale the papers use).
+    """
     low, high = interval
     return cfg_scale if low <= t <= high else 1.0
 
@@ -139,21 +144,28 @@ def to_uint8(x):
     return (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def generate(model, vae, indices, args, device, labels=None):
+def generate(model, vae, indices, *, seed, sampler="euler", num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
+             bf16=False, labels=None):
     """uint8 images (N, H, W, 3) on the CPU for the given sample indices (labels drawn per sample if not given)."""
-    rand = SampleRandomness(args.seed, indices)
-    y = rand.labels(model.num_classes) if labels is None else labels
+    device = next(model.parameters()).device
+    rand = SampleRandomness(seed, indices)
+    y = (rand.labels(model.num_classes) if labels is None else labels).to(device)
     z = rand.normal((model.in_channels, model.input_size, model.input_size)).to(device)
-    y, interval = y.to(device), (args.guidance_low, args.guidance_high)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-        if args.sampler == "sde":
-            x = euler_maruyama_sampler(model, z, y, args.num_steps, args.cfg_scale, interval,
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if sampler == "sde":
+            x = euler_maruyama_sampler(model, z, y, num_steps, cfg_scale, interval,
                                        noise=lambda like: rand.normal(like.shape[1:]).to(like.device))
         else:
-            x = euler_sampler(model, z, y, args.num_steps, args.cfg_scale, interval, heun=args.sampler == "heun")
+            x = euler_sampler(model, z, y, num_steps, cfg_scale, interval, heun=sampler == "heun")
     if vae is not None:
-        x = decode_latents(vae, x, chunk_size=len(x), bf16=args.precision == "bf16")
+        x = decode_latents(vae, x, bf16=bf16)  # in chunks of vae.py's default size
     return to_uint8(x.cpu())
+
+
+def save_grid(images, columns, path):
+    """uint8 images (N, H, W, 3) → one PNG, `columns` images per row, 2-pixel white borders."""
+    grid = make_grid(images.permute(0, 3, 1, 2), nrow=columns, padding=2, pad_value=255)  # (3, H', W')
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 def save_png(image, path):
@@ -190,32 +202,33 @@ def write_npz(folder, num_samples, path):
 def load_sampling_model(path, weights="ema", model_name=None):
     """(network in eval mode, description) for a checkpoint of one of three kinds:
 
-    - this project's training checkpoint: a dict with "model", "ema" and "args"; `weights` picks the set;
-    - REPA's last.pt: a bare state dict with projectors, trained in this project's (REPA's) time convention;
-    - the official SiT-XL-2-256.pt: a bare state dict without projectors, in SiT's time convention (t = 1 data),
-      which the model converts (`sit_time=True`).
-    The architecture is read off the weights (`models.config_from_state_dict`); the training-only heads (REPA
+    - this project's training checkpoint: a dict with "model", "ema" and "args" (a dict); `weights` picks the set;
+    - REPA's last.pt: a bare state dict with projectors and 4 output channels, in REPA's time convention (ours);
+    - the official SiT-XL-2-256.pt: a bare state dict without projectors and with learn_sigma's 8 output channels,
+      in SiT's time convention (t = 1 data), which the model converts (`sit_time=True`).
+    Any other file is refused with a description of what it holds: its time convention cannot be known. The
+    architecture is read off the weights (`models.config_from_state_dict`); the training-only heads (REPA
     projectors, SRA head) are not built, and everything else loads strictly.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: every rank of a node reads the same pages instead of its own copy of an 11 GB file
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch reports foreign pickles as UnpicklingError or RuntimeError, depending on version
         raise ValueError(f"{path} is not a checkpoint this script reads (only tensors, dicts and plain values load "
-                         f"safely): {e}") from None
+                         f"safely; save training arguments as a dict, not a Namespace): {e}") from None
+    path_type = "linear"
     if isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys():
-        if weights not in ("ema", "model"):
-            raise ValueError(f"--weights must be 'ema' or 'model', got {weights!r}")
+        if not isinstance(ckpt["args"], dict):
+            raise ValueError(f"{path}: its training arguments are a {type(ckpt['args']).__name__}, not a dict")
         state_dict, kind, sit_time = ckpt[weights], "DiverseDiT training checkpoint", False
+        path_type = ckpt["args"].get("path_type", "linear")
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         if weights != "ema":
             raise ValueError(f"{path} is a bare state dict, which holds one set of weights (the released EMA); "
                              f"--weights {weights} applies to this project's training checkpoints only")
-        repa = any(key.startswith("projectors.") for key in ckpt)
-        state_dict, sit_time = ckpt, not repa
-        kind = "REPA state dict (REPA's time convention)" if repa else "SiT state dict (SiT's time convention)"
+        state_dict, (kind, sit_time) = ckpt, bare_state_dict_kind(path, ckpt)
     else:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
         raise ValueError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and args) "
@@ -228,14 +241,41 @@ def load_sampling_model(path, weights="ema", model_name=None):
     trained_as = ckpt["args"].get("model") if kind.startswith("DiverseDiT") else None
     for claimed, source in ((model_name, "--model"), (trained_as, "its training arguments")):
         if claimed is not None and claimed != name:
-            raise ValueError(f"{source} say(s) {claimed}, but {path} ({kind}) holds the weights of a {name}")
+            raise ValueError(f"{source}: {claimed}, but {path} ({kind}) holds the weights of a {name}")
     if config["in_channels"] not in (LATENT_CHANNELS, 3):
         raise ValueError(f"{path} holds a model of {config['in_channels']} input channels: neither SD-VAE latents "
                          f"({LATENT_CHANNELS}) nor RGB pixels (3)")
     model = build_model(name, sit_time=sit_time, **config)
     model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(TRAINING_HEADS)}, strict=True)
-    description = {"checkpoint_kind": kind, "weights": weights, "model": name, "sit_time": sit_time, **config}
+    description = {"checkpoint_kind": kind, "weights": weights, "model": name, "sit_time": sit_time,
+                   "path_type": path_type, **config}
     return model.eval().requires_grad_(False), description
+
+
+def bare_state_dict_kind(path, state_dict):
+    """(kind, sit_time) of a bare state dict: the official SiT file or REPA's last.pt, else a ValueError."""
+    keys = state_dict.keys()
+    if any(key.startswith("module.") for key in keys):
+        raise ValueError(f"{path}: keys start with 'module.' (saved from a DDP wrapper); strip that prefix first")
+    projectors = any(key.startswith("projectors.") for key in keys)
+    ours = [head for head in ("skip_linears.", "sra_head.") if any(key.startswith(head) for key in keys)]
+    try:
+        learn_sigma = config_from_state_dict(state_dict)[1]["learn_sigma"]
+    except ValueError as e:
+        raise ValueError(f"{path} (a bare state dict): {e}") from None
+    if projectors and not learn_sigma and not ours:
+        return "REPA state dict (REPA's time convention)", False
+    if learn_sigma and not projectors and not ours:
+        return "SiT state dict (SiT's time convention)", True
+    raise ValueError(f"{path} is a bare state dict that is neither the official SiT file (learn_sigma, no "
+                     f"projectors) nor REPA's last.pt (projectors, no learn_sigma): it has learn_sigma={learn_sigma}, "
+                     f"projectors={projectors}" + (f", {' and '.join(h.rstrip('.') for h in ours)}" if ours else "")
+                     + ". Its time convention is unknown; sample from the training checkpoint it came from.")
+
+
+def sampling_settings(args):
+    return dict(seed=args.seed, sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                interval=(args.guidance_low, args.guidance_high), bf16=args.precision == "bf16")
 
 
 def run_name(args, description):
@@ -253,6 +293,7 @@ def run_name(args, description):
 
 def settings_record(args, description, labels):
     """Everything that decides the images, for the JSON beside the outputs."""
+    latent = description["in_channels"] == LATENT_CHANNELS
     return {
         "checkpoint": str(Path(args.ckpt).resolve()), "checkpoint_sha256": file_sha256(args.ckpt), **description,
         "sampler": args.sampler, "num_steps": args.num_steps,
@@ -260,8 +301,10 @@ def settings_record(args, description, labels):
         "cfg_scale": args.cfg_scale, "guidance_interval": [args.guidance_low, args.guidance_high],
         "precision": args.precision, "tf32": args.tf32, "seed": args.seed, "per_proc_batch_size": args.per_proc_batch_size,
         "num_samples": args.num_fid_samples, "labels": labels,
-        "vae": args.vae if description["in_channels"] == LATENT_CHANNELS else None,
-        "uint8": "clamp(127.5·x + 128, 0, 255) rounded down", "torch": torch.__version__, "code": git_commit(),
+        "vae": args.vae if latent else None, "vae_sha256": file_sha256(vae_weights_path(args.vae)) if latent else None,
+        "uint8": "clamp(127.5·x + 128, 0, 255) rounded down",
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__},
+        "code": [git_commit()],
     }
 
 
@@ -271,40 +314,56 @@ def beside(path, suffix):
 
 
 def write_or_check_settings(path, settings):
+    """Write the settings, or check that a run being continued had the same; a new code version is appended."""
     if path.is_file():
         old = json.loads(path.read_text())
         changed = [key for key in settings if key != "code" and old.get(key) != settings[key]]
         if changed:
             raise ValueError(f"{path} records other settings for these outputs ({', '.join(changed)} differ); "
                              f"move the old outputs away or change --sample-dir")
-    else:
-        path.write_text(json.dumps(settings, indent=1) + "\n")
+        if settings["code"][0] not in old["code"]:  # continued with other code: say so in the record
+            settings["code"] = old["code"] + settings["code"]
+    path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 #################################################################################
 #                                       Main                                    #
 #################################################################################
 
-def main(args):
-    args.num_steps = args.num_steps or DEFAULT_STEPS[args.sampler]
+def check_args(args):
+    """Refuse bad settings before loading anything."""
+    args.num_steps = DEFAULT_STEPS[args.sampler] if args.num_steps is None else args.num_steps
+    for flag, value in [("--num-steps", args.num_steps), ("--per-proc-batch-size", args.per_proc_batch_size),
+                        ("--images-per-class", args.images_per_class), ("--num-fid-samples", args.num_fid_samples)]:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
         raise ValueError(f"the guidance interval must satisfy 0 ≤ low ≤ high ≤ 1, got [{args.guidance_low}, "
                          f"{args.guidance_high}]")
+    if args.num_fid_samples is not None and args.class_labels:
+        raise ValueError("--class-labels sets a grid's rows; FID batches draw labels uniformly per sample")
+
+
+def main(args):
+    check_args(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     rank, world_size, device = init_distributed()
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
+    if args.sampler == "sde" and description["path_type"] != "linear":
+        raise ValueError(f"the SDE sampler's score assumes the linear path; {args.ckpt} was trained on the "
+                         f"{description['path_type']} path: use --sampler euler or heun")
     model.to(device)
     vae = load_vae(args.vae, device) if description["in_channels"] == LATENT_CHANNELS else None
     out = Path(args.sample_dir)
     name = run_name(args, description)
     if args.num_fid_samples is None:
-        sample_grid(model, vae, args, description, out / f"{name}-grid", rank, device)
+        sample_grid(model, vae, args, description, out / name, rank)
     else:
-        sample_fid_batch(model, vae, args, description, out / name, rank, world_size, device)
+        sample_fid_batch(model, vae, args, description, out / name, rank, world_size)
     close_distributed()
 
 
-def sample_grid(model, vae, args, description, stem, rank, device):
+def sample_grid(model, vae, args, description, stem, rank):
     """A PNG grid: one row per class, `images_per_class` columns (rank 0 only)."""
     if rank != 0:
         return
@@ -312,20 +371,23 @@ def sample_grid(model, vae, args, description, stem, rank, device):
     if not all(0 <= c < model.num_classes for c in classes):
         raise ValueError(f"--class-labels must lie in 0..{model.num_classes - 1}, got {classes}")
     labels = torch.tensor([c for c in classes for _ in range(args.images_per_class)])
-    settings = settings_record(args, description, classes)
+    settings = {**settings_record(args, description, classes), "images_per_class": args.images_per_class}
     print(json.dumps(settings, indent=1))
+    stem = stem.parent / f"{stem.name}-grid-{'-'.join(map(str, classes))}-x{args.images_per_class}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     batches = torch.arange(len(labels)).split(args.per_proc_batch_size)
-    images = torch.cat([generate(model, vae, batch.tolist(), args, device, labels[batch])
+    images = torch.cat([generate(model, vae, batch.tolist(), labels=labels[batch], **sampling_settings(args))
                         for batch in tqdm(batches, desc="sampling")])  # (N, H, W, 3)
-    grid = make_grid(images.permute(0, 3, 1, 2), nrow=args.images_per_class, padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(beside(stem, ".png"))
+    save_grid(images, args.images_per_class, beside(stem, ".png"))
     beside(stem, ".json").write_text(json.dumps(settings, indent=1) + "\n")
     print(f"saved {beside(stem, '.png')}")
 
 
-def sample_fid_batch(model, vae, args, description, folder, rank, world_size, device):
-    """folder/000000.png … and folder.npz: `num_fid_samples` images, labels uniform per sample, split over ranks."""
+def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
+    """folder/000000.png … and folder.npz: `num_fid_samples` images, labels uniform per sample, split over ranks.
+
+    Exactly `num_fid_samples` images (DiT / REPA round up to a multiple of the global batch and drop the extras).
+    """
     N, B = args.num_fid_samples, args.per_proc_batch_size
     npz = beside(folder, ".npz")
     if rank == 0:
@@ -341,7 +403,7 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size, de
     if rank == 0 and len(pending) < len(batches):
         print(f"continuing: {len(batches) - len(pending)} of {len(batches)} batches are already written")
     for batch in tqdm(pending[rank::world_size], desc="sampling", disable=rank != 0):
-        for i, image in zip(batch, generate(model, vae, batch, args, device)):
+        for i, image in zip(batch, generate(model, vae, batch, **sampling_settings(args))):
             save_png(image, folder / f"{i:06d}.png")
     barrier()
     if rank == 0 and not npz.is_file():
@@ -357,14 +419,15 @@ if __name__ == "__main__":
     parser.add_argument("--sampler", choices=SAMPLERS, default="euler",
                         help="euler / heun (ODE) or sde (Euler–Maruyama, the papers' FID sampler)")
     parser.add_argument("--num-steps", type=int, default=None, help="default: 50 for euler / heun, 250 for sde")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance (the papers' tables without CFG)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,  # the paper's Tables 1, 4, 6–9 use no guidance
+                        help="1 = no guidance")
     parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only where low ≤ t ≤ high (REPA)")
     parser.add_argument("--guidance-high", type=float, default=1.0)
     parser.add_argument("--num-fid-samples", type=int, default=None, help="write this many PNGs and an .npz; "
                                                                           "without it, a grid")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="grid classes")
     parser.add_argument("--images-per-class", type=int, default=4, help="grid columns")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)  # REPA generate.py's default
     parser.add_argument("--seed", type=int, default=0, help="sample i draws from a generator seeded with (seed, i)")
     parser.add_argument("--vae", default="ema", help="decoder: 'ema' or 'mse' (SiT / REPA sample with ema), or a path")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",

@@ -185,14 +185,30 @@ def test_checkpoint_errors_say_what_the_file_holds(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="holds a list"):
         load_sampling_model(tmp_path / "list.pt")
-    torch.save(random_model().state_dict(), tmp_path / "sit.pt")
-    with pytest.raises(ValueError, match="--model say.* SiT-XL/2.*holds the weights of a SiT-Tiny/4"):
+    torch.save(random_model(learn_sigma=True).state_dict(), tmp_path / "sit.pt")
+    with pytest.raises(ValueError, match="--model: SiT-XL/2, but .* holds the weights of a SiT-Tiny/4"):
         load_sampling_model(tmp_path / "sit.pt", model_name="SiT-XL/2")
     with pytest.raises(ValueError, match="one set of weights"):
         load_sampling_model(tmp_path / "sit.pt", weights="model")
     save_training_checkpoint(tmp_path / "ckpt.pt", random_model(), random_model(), name="SiT-B/2")
-    with pytest.raises(ValueError, match="training arguments say.* SiT-B/2"):
+    with pytest.raises(ValueError, match="training arguments: SiT-B/2"):
         load_sampling_model(tmp_path / "ckpt.pt")
+    torch.save({"model": {}, "ema": {}, "args": [1]}, tmp_path / "args.pt")
+    with pytest.raises(ValueError, match="training arguments are a list, not a dict"):
+        load_sampling_model(tmp_path / "args.pt")
+
+
+@pytest.mark.parametrize("kwargs, says", [({}, "learn_sigma=False, projectors=False"),
+                                          ({"long_residual": True, "learn_sigma": True}, "skip_linears"),
+                                          ({"learn_sigma": True, "z_dims": [16], "encoder_depth": 2},
+                                           "learn_sigma=True, projectors=True")])
+def test_bare_state_dicts_of_unknown_time_convention_are_refused(tmp_path, kwargs, says):
+    torch.save(random_model(**kwargs).state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=f"neither the official SiT file .*{says}"):
+        load_sampling_model(tmp_path / "bare.pt")
+    torch.save({f"module.{k}": v for k, v in random_model().state_dict().items()}, tmp_path / "ddp.pt")
+    with pytest.raises(ValueError, match="'module.'"):
+        load_sampling_model(tmp_path / "ddp.pt")
 
 
 # ---------------------------------------------------------------- the script
@@ -275,11 +291,35 @@ def test_resuming_with_other_settings_is_refused(pixel_checkpoint, tmp_path):
 
 def test_grid_has_one_row_per_class(pixel_checkpoint, tmp_path):
     sample.main(sample_args(pixel_checkpoint, tmp_path, num_fid_samples=None, class_labels=[4, 1, 2]))
-    grid = next(tmp_path.glob("*-grid.png"))
+    grid = next(tmp_path.glob("*-grid-4-1-2-x2.png"))
     assert Image.open(grid).size == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2)  # 2 columns, 3 rows, 2-pixel padding
     assert json.loads((grid.parent / grid.name.replace(".png", ".json")).read_text())["labels"] == [4, 1, 2]
     with pytest.raises(ValueError, match="class-labels"):
         sample.main(sample_args(pixel_checkpoint, tmp_path, num_fid_samples=None, class_labels=[5]))
+
+
+@pytest.mark.parametrize("changes, error", [({"num_steps": 0}, "--num-steps must be at least 1"),
+                                            ({"per_proc_batch_size": 0}, "--per-proc-batch-size"),
+                                            ({"class_labels": [1]}, "FID batches draw labels"),
+                                            ({"guidance_low": 0.8}, "0 ≤ low ≤ high ≤ 1")])
+def test_bad_settings_are_refused(pixel_checkpoint, tmp_path, changes, error):
+    with pytest.raises(ValueError, match=error):
+        sample.main(sample_args(pixel_checkpoint, tmp_path, **changes))
+
+
+def test_bf16_sampling_stays_close_to_float32(pixel_checkpoint, tmp_path):
+    sample.main(sample_args(pixel_checkpoint, tmp_path / "fp32"))
+    sample.main(sample_args(pixel_checkpoint, tmp_path / "bf16", precision="bf16"))
+    a, b = (np.load(sample.beside(run_folder(tmp_path / d), ".npz"))["arr_0"].astype(int) for d in ("fp32", "bf16"))
+    assert 0 < np.abs(a - b).max() <= 16 and np.abs(a - b).mean() < 2
+
+
+def test_the_sde_is_refused_for_a_cosine_path_model(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": random_model().state_dict(), "ema": random_model().state_dict(),
+                "args": {"model": "SiT-Tiny/4", "path_type": "cosine"}}, path)
+    with pytest.raises(ValueError, match="cosine path"):
+        sample.main(sample_args(path, tmp_path, sampler="sde"))
 
 
 def test_latent_models_are_decoded_by_the_vae(sd_vae, tmp_path):
@@ -311,3 +351,4 @@ def test_two_ranks_under_torchrun_write_the_one_process_files(pixel_checkpoint, 
     assert one.name == two.name
     for i in range(5):
         assert (one / f"{i:06d}.png").read_bytes() == (two / f"{i:06d}.png").read_bytes(), i
+    assert sample.beside(one, ".npz").read_bytes() == sample.beside(two, ".npz").read_bytes()

@@ -1,0 +1,429 @@
+"""FID, sFID, Inception Score, precision and recall as OpenAI's ADM evaluator computes them, in PyTorch.
+
+    python fid.py VIRTUAL_imagenet256_labeled.npz samples/NAME.npz      # ADM evaluator's command shape
+    torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz              # feature extraction split over GPUs
+    python fid.py samples/NAME --save-stats NAME-stats.npz              # statistics of one input, for reuse
+
+REF and SAMPLES may each be an `.npz` with `arr_0` (N, H, W, 3) uint8 (ADM's batches; sample.py writes them), a
+folder of images, or a statistics file saved with --save-stats. A reference that carries `mu, sigma, mu_s,
+sigma_s` (the ADM reference batches do) supplies its FID / sFID statistics, as in the ADM evaluator; its images
+are still used for precision and recall. Results are printed and written as JSON (`--out`).
+
+The network is the FID Inception (TensorFlow's 2015-12-05 graph) in torchvision's layout, as pytorch-fid and
+torch-fidelity port it, with TensorFlow-1's bilinear resize and normalisation in front:
+
+    uint8 (N, 3, H, W) → float 0..255 → TF-1 bilinear resize to 299×299 → (x − 128)/128 → Inception
+      pool_3 (N, 2048): FID, precision / recall      Mixed_6d.branch1x1[:, :7] in (h, w, c) order (N, 2023): sFID
+      pool_3 · fc.weightᵀ, no bias (N, 1008): Inception Score
+"""
+import argparse
+import json
+import math
+import warnings
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models import inception as tv
+from tqdm import tqdm
+
+from runtime import close_distributed, init_distributed
+
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's port; torch-fidelity hosts the same file
+INCEPTION_SIZE = 299      # the graph resizes every input to 299×299
+SPATIAL_CHANNELS = 7      # sFID: the first 7 channels of mixed_6/conv, 17·17·7 = 2023 values
+IS_SPLIT_SIZE = 5000      # ADM: Inception Score over contiguous splits of 5000 samples
+PR_NEIGHBOURS = 3         # ADM: a point's radius is its distance to its 3rd nearest neighbour
+PR_BATCH = 10_000         # ADM: distances in 10000 × 10000 blocks
+FD_EPS = 1e-6             # ADM / pytorch-fid: added to both covariances when sqrtm fails
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+#################################################################################
+#                     The FID Inception (TF 2015-12-05), torchvision layout     #
+#################################################################################
+
+def tf_pool(x, max_pool=False):
+    """The pool branch's 3×3 / stride 1 / SAME pooling as the TF graph does it: an average that ignores the zero
+    padding (count_include_pad=False), or, in the last block only, a max (a quirk of that graph)."""
+    if max_pool:
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(tv.InceptionA):
+    def _forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), b5, b3, self.branch_pool(tf_pool(x))]
+
+
+class InceptionC(tv.InceptionC):
+    def _forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            b7dbl = conv(b7dbl)
+        return [self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_pool(x))]
+
+
+class InceptionE(tv.InceptionE):
+    def __init__(self, in_channels, max_pool=False):
+        super().__init__(in_channels)
+        self.max_pool = max_pool
+
+    def _forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1)
+        return [self.branch1x1(x), b3, b3dbl, self.branch_pool(tf_pool(x, self.max_pool))]
+
+
+class InceptionFeatures(NamedTuple):
+    pool: torch.Tensor     # (N, 2048): pool_3
+    spatial: torch.Tensor  # (N, 2023): mixed_6/conv, channels 0–6, flattened in (h, w, c) order
+    logits: torch.Tensor   # (N, 1008): pool_3 · fc.weightᵀ, without the bias (as ADM's Inception Score)
+
+
+def tf1_resize_bilinear(x, size):
+    """TensorFlow-1's `resize_bilinear` (align_corners=False, no half-pixel centres, no antialiasing).
+
+    Output pixel d samples the input at d·(in/out), computed in float32; the lower neighbour is its floor and
+    the upper one is clamped to the edge; interpolate along x on the two rows, then along y. x: (N, C, H, W).
+    """
+    def axis(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size)
+        lo = src.floor().long()
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo  # (size,) each
+    (y0, y1, dy), (x0, x1, dx) = axis(x.shape[2]), axis(x.shape[3])
+    top, bottom = x[:, :, y0], x[:, :, y1]                                      # (N, C, size, W)
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * dx                    # (N, C, size, size)
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * dx
+    return top + (bottom - top) * dy[:, None]
+
+
+class FIDInception(tv.Inception3):
+    """torchvision's InceptionV3 with 1008 classes and TF's pooling in Mixed_5b–5d, 6b–6e (average without
+    padding) and Mixed_7c (max): the layout of `pt_inception-2015-12-05-6726825d.pth`."""
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False,
+                         inception_blocks=[tv.BasicConv2d, InceptionA, tv.InceptionB, InceptionC, tv.InceptionD,
+                                           InceptionE, tv.InceptionAux])
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+
+    def forward(self, images):
+        """uint8 images (N, 3, H, W) → InceptionFeatures."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        x = tf1_resize_bilinear(images.float(), INCEPTION_SIZE)
+        x = (x - 128) / 128
+        x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))  # (N, 64, 73, 73)
+        x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))                      # (N, 192, 35, 35)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
+            x = block(x)                                                                   # (N, 768, 17, 17)
+        # TF's mixed_6/conv: Mixed_6d's 1×1 branch (post-ReLU); computed again inside Mixed_6d (1×1 conv, cheap)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]                         # (N, 7, 17, 17)
+        for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)                                                                   # (N, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))                                                          # (N, 2048)
+        return InceptionFeatures(pool, spatial.permute(0, 2, 3, 1).flatten(1), pool @ self.fc.weight.T)
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception with its weights from `path`, or downloaded once into torch's hub cache."""
+    if path is None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix="6726825d", progress=True)
+            except (OSError, RuntimeError) as e:  # no network, or a file whose hash does not match
+                raise RuntimeError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). "
+                                   f"Download the file where there is internet and pass it as --inception PATH."
+                                   ) from None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--inception {path} does not exist (the weights are at {INCEPTION_URL})")
+    model = FIDInception()
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} is not the FID Inception's state dict:\n{e}") from None
+    return model.eval().requires_grad_(False).to(device)
+
+
+#################################################################################
+#                                       Inputs                                  #
+#################################################################################
+
+class Source(NamedTuple):
+    """One input: images to run through the network (or none), and statistics it carries (or none)."""
+    count: int
+    batches: object       # batches(start, stop, size) → iterator of uint8 (n, H, W, 3) arrays, or None
+    stats: dict           # mu, sigma, mu_s, sigma_s when the file carries them, else {}
+    pool: np.ndarray      # (N, 2048) features of a saved statistics file, else None
+
+
+def npz_image_reader(path):
+    """(N, batches) for the images `arr_0` of an .npz, streamed from the zip: 50K images never sit in memory."""
+    archive = zipfile.ZipFile(path)
+    with archive.open("arr_0.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"{path}: arr_0 has .npy format version {version}, not 1.0 or 2.0")
+        shape, fortran, dtype = read_header[version](f)
+        offset = f.tell()
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
+        raise ValueError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
+    image_bytes = shape[1] * shape[2] * 3
+
+    def batches(start, stop, size):
+        with archive.open("arr_0.npy") as f:  # one pass, front to back: zip members seek forward by reading
+            f.seek(offset + start * image_bytes)
+            for lo in range(start, stop, size):
+                n = min(stop, lo + size) - lo
+                try:
+                    data = f.read(n * image_bytes)
+                except zipfile.BadZipFile as e:  # a failed CRC check at the member's end
+                    raise ValueError(f"{path}: arr_0 is corrupt or truncated ({e})") from None
+                if len(data) != n * image_bytes:
+                    raise ValueError(f"{path}: arr_0 is truncated (images from {lo} on of {shape[0]})")
+                yield np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:])
+
+    return shape[0], batches
+
+
+def open_source(path):
+    """An .npz batch (ADM's or sample.py's), a --save-stats file, or a folder of images."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+        def folder_batches(start, stop, size):
+            for lo in range(start, stop, size):
+                arrays = []
+                for p in files[lo:min(stop, lo + size)]:
+                    with Image.open(p) as image:
+                        arrays.append(np.asarray(image.convert("RGB")))
+                if len({a.shape for a in arrays}) > 1:
+                    raise ValueError(f"{path}: images of different sizes ({sorted({a.shape for a in arrays})})")
+                yield np.stack(arrays)
+
+        return Source(len(files), folder_batches, {}, None)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is neither an .npz file nor a folder of images")
+    try:
+        npz = np.load(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz file: {e}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a bare .npy array, not an .npz with arr_0 (or saved statistics)")
+    stats = {k: npz[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in npz.files}
+    if stats and len(stats) != 4:
+        raise ValueError(f"{path} carries only {sorted(stats)} of mu, sigma, mu_s, sigma_s")
+    if "pool" in npz.files:  # saved by --save-stats
+        return Source(len(npz["pool"]), None, stats, npz["pool"])
+    if "arr_0" not in npz.files:
+        raise ValueError(f"{path} has neither images (arr_0) nor saved statistics (pool); keys: {npz.files}")
+    return Source(*npz_image_reader(path), stats, None)
+
+
+@torch.no_grad()
+def extract_features(model, source, batch_size, rank=0, world_size=1, desc="features"):
+    """InceptionFeatures of every image of `source` as numpy arrays, in order; each rank runs a contiguous slice."""
+    device = next(model.parameters()).device
+    start, stop = rank * source.count // world_size, (rank + 1) * source.count // world_size
+    parts = []
+    for batch in tqdm(source.batches(start, stop, batch_size), total=math.ceil((stop - start) / batch_size),
+                      desc=desc, disable=rank != 0):
+        images = torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2)  # (n, 3, H, W), a copy
+        parts.append([f.cpu().numpy() for f in model(images)])
+    mine = [np.concatenate(columns) if columns else None for columns in zip(*parts)] if parts else [None] * 3
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, mine)
+        mine = [np.concatenate([g[i] for g in gathered if g[i] is not None]) for i in range(3)]
+    return InceptionFeatures(*mine)
+
+
+#################################################################################
+#                                      Metrics                                  #
+#################################################################################
+
+def feature_statistics(features):
+    """(μ, Σ): the mean (in the features' float32, as ADM) and the unbiased covariance (float64)."""
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FD_EPS):
+    """d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (Heusel et al. 2017), computed as ADM / pytorch-fid do.
+
+    When sqrtm(Σ₁Σ₂) is not finite, eps·I is added to both covariances; an imaginary part is dropped when its
+    diagonal is below 1e-3, and is an error otherwise.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} and {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"sqrtm(Σ₁Σ₂) is singular; adding {eps} to the diagonal of both covariances")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(Σ₁Σ₂) has an imaginary component of {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, split_size=IS_SPLIT_SIZE):
+    """IS = exp(E_x KL(p(y|x) ‖ p(y))) on contiguous splits of `split_size` samples, averaged (ADM, improved-gan).
+
+    logits: (N, 1008) float32. The softmax and the logarithms run in float32, as in the ADM evaluator.
+    """
+    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
+    scores = []
+    for start in range(0, len(probs), split_size):
+        p = probs[start:start + split_size]
+        kl = p * (np.log(p) - np.log(np.mean(p, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores))
+
+
+def squared_distances(a, b):
+    """‖a_i − b_j‖² (m, n) as ADM's DistanceBlock: features rounded to float16, ‖a‖² − 2a·b + ‖b‖² with every
+    result rounded to float16 and clamped at 0; the block is recomputed in float32 if any entry overflows."""
+    a16, b16 = a.half().float(), b.half().float()
+    na, nb = (a16 ** 2).sum(1).half(), (b16 ** 2).sum(1).half()      # (m,), (n,)
+    dot = (a16 @ b16.T).half()                                          # (m, n)
+    d = (na[:, None] - 2 * dot + nb[None, :]).clamp(min=0)              # float16 arithmetic, as the TF graph
+    if torch.isfinite(d).all():
+        return d.float()
+    na, nb = (a ** 2).sum(1), (b ** 2).sum(1)
+    return (na[:, None] - 2 * a @ b.T + nb[None, :]).clamp(min=0)
+
+
+def manifold_radii(features, k=PR_NEIGHBOURS, batch=PR_BATCH):
+    """Each point's squared distance to its k-th nearest other point: the (k+1)-th smallest, itself included.
+
+    Rows and columns go in blocks of `batch`, keeping only the k + 1 smallest per row: memory ~ batch².
+    """
+    x = torch.as_tensor(features, dtype=torch.float32)
+    radii = []
+    for rows in x.split(batch):
+        smallest = torch.full((len(rows), 0), float("inf"))
+        for cols in x.split(batch):
+            both = torch.cat([smallest, squared_distances(rows, cols)], dim=1)
+            smallest = both.topk(min(k + 1, both.shape[1]), dim=1, largest=False).values  # (rows, k + 1)
+        radii.append(smallest[:, k])
+    return torch.cat(radii)
+
+
+def covered(points, centres, radii, batch=PR_BATCH):
+    """For each point: is it within the radius (≤) of at least one centre? (n,) bool."""
+    points, centres = torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(centres, dtype=torch.float32)
+    inside = []
+    for rows in points.split(batch):
+        hit = torch.zeros(len(rows), dtype=torch.bool)
+        for cols, r in zip(centres.split(batch), radii.split(batch)):
+            hit |= (squared_distances(rows, cols) <= r[None, :]).any(dim=1)
+        inside.append(hit)
+    return torch.cat(inside)
+
+
+def precision_recall(ref_features, sample_features, k=PR_NEIGHBOURS, batch=PR_BATCH):
+    """Kynkäänniemi et al. (2019) as ADM estimates them: precision = the fraction of samples inside the reference
+    manifold (the union of balls around reference points, radius = k-NN distance), recall = the reverse."""
+    ref_radii = manifold_radii(ref_features, k, batch)
+    sample_radii = manifold_radii(sample_features, k, batch)
+    precision = covered(sample_features, ref_features, ref_radii, batch).float().mean().item()
+    recall = covered(ref_features, sample_features, sample_radii, batch).float().mean().item()
+    return precision, recall
+
+
+#################################################################################
+#                                        Main                                   #
+#################################################################################
+
+def statistics_of(source, features):
+    """FID and sFID statistics: those the file carries (ADM), else computed from the features."""
+    if source.stats:
+        return source.stats
+    mu, sigma = feature_statistics(features.pool)
+    mu_s, sigma_s = feature_statistics(features.spatial)
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+
+
+def features_of(model, source, args, rank, world_size, desc):
+    if source.pool is not None:  # a saved statistics file: logits from the saved pool features
+        pool = torch.from_numpy(source.pool)
+        logits = (pool @ model.fc.weight.cpu().T).numpy()
+        return InceptionFeatures(source.pool, None, logits)
+    return extract_features(model, source, args.batch_size, rank, world_size, desc)
+
+
+def main(args):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # reference-grade features
+    rank, world_size, device = init_distributed()
+    model = load_inception(args.inception, device)
+    if args.save_stats:
+        if args.samples is not None:
+            raise ValueError("--save-stats takes one input: python fid.py INPUT --save-stats OUT.npz")
+        source = open_source(args.ref)
+        features = features_of(model, source, args, rank, world_size, "features")
+        if rank == 0:
+            stats = statistics_of(source, features)
+            np.savez(args.save_stats, pool=features.pool, **stats)
+            print(f"saved the statistics of {len(features.pool)} images to {args.save_stats}")
+        close_distributed()
+        return
+    if args.samples is None:
+        raise ValueError("give a reference and a sample batch: python fid.py REF SAMPLES")
+    ref, samples = open_source(args.ref), open_source(args.samples)
+    ref_features = features_of(model, ref, args, rank, world_size, "reference")
+    sample_features = features_of(model, samples, args, rank, world_size, "samples")
+    if rank == 0:
+        ref_stats, sample_stats = statistics_of(ref, ref_features), statistics_of(samples, sample_features)
+        precision, recall = precision_recall(ref_features.pool, sample_features.pool)
+        results = {
+            "inception_score": inception_score(sample_features.logits),
+            "fid": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
+            "sfid": frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"],
+                                     ref_stats["sigma_s"]),
+            "precision": precision, "recall": recall,
+            "reference": str(Path(args.ref).resolve()), "samples": str(Path(args.samples).resolve()),
+            "num_reference": len(ref_features.pool), "num_samples": len(sample_features.pool),
+        }
+        for name in ("inception_score", "fid", "sfid", "precision", "recall"):
+            print(f"{name}: {results[name]}")
+        out = Path(args.out) if args.out else Path(f"{str(args.samples).rstrip('/')}.fid.json")
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"saved {out}")
+    close_distributed()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref", help="reference: .npz batch, folder of images, or saved statistics")
+    parser.add_argument("samples", nargs="?", default=None, help="samples: the same kinds")
+    parser.add_argument("--save-stats", default=None, help="save the one input's statistics and features here")
+    parser.add_argument("--inception", default=None,
+                        help=f"local copy of the Inception weights (default: downloaded from {INCEPTION_URL})")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (ADM: 64)")
+    parser.add_argument("--out", default=None, help="results JSON (default: SAMPLES.fid.json)")
+    main(parser.parse_args())

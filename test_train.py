@@ -1,0 +1,217 @@
+"""CPU checks of train.py: exact resume, the loss line, fault handling, bad input, DDP, the README quick start."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from train import DINOv2Target, ResumableSampler, parse_args, resample_pos_embed
+
+TINY_RUN = ["--model", "SiT-Tiny/4", "--data-path", "builtin:shapes", "--builtin-image-size", "16",
+            "--global-batch-size", "8", "--num-workers", "0", "--log-every", "2", "--sample-every", "0"]
+
+
+class StandInEncoder(nn.Module):
+    """REPA's target interface (uint8 images → (N, T, Z) tokens, `embed_dim`) on a tiny random network: the
+    patch grid of SiT-Tiny/4 on 16-px images (4×4 tokens) from average-pooled pixels."""
+
+    embed_dim = 12
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, self.embed_dim)
+
+    def forward(self, images):
+        pooled = F.adaptive_avg_pool2d(images.float() / 255, 4)  # (N, 3, 4, 4)
+        return self.proj(pooled.flatten(2).transpose(1, 2))      # (N, 16, Z)
+
+
+@pytest.fixture
+def stand_in_encoder(monkeypatch):
+    torch.manual_seed(123)
+    encoder = StandInEncoder().requires_grad_(False)
+    monkeypatch.setattr(train, "load_dinov2", lambda image_size: encoder)
+    return encoder
+
+
+def run(tmp_path, *flags):
+    train.main(parse_args(TINY_RUN + ["--results-dir", str(tmp_path)] + list(flags)))
+    return sorted(p for p in tmp_path.iterdir() if p.is_dir())[-1]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    opt_a, opt_b = a["opt"]["state"], b["opt"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for name in opt_a[i]:
+            assert torch.equal(opt_a[i][name], opt_b[i][name]), f"opt.{i}.{name}"
+
+
+ALL_SWITCHES = ["--diverse", "--disp", "--sra", "--sra-student-block", "2", "--sra-teacher-block", "6",
+                "--repa", "--encoder-depth", "3"]
+
+
+def test_resume_gives_bit_identical_model_ema_and_optimizer(tmp_path, stand_in_encoder):
+    straight = run(tmp_path / "a", *ALL_SWITCHES, "--max-steps", "6", "--save-every", "3")
+    half = run(tmp_path / "b", *ALL_SWITCHES, "--max-steps", "3", "--save-every", "3")
+    train.main(parse_args(TINY_RUN + ALL_SWITCHES + ["--max-steps", "6", "--save-every", "3", "--resume", str(half)]))
+    a, b = load(straight / "checkpoints" / "0000006.pt"), load(half / "checkpoints" / "0000006.pt")
+    assert a["steps"] == b["steps"] == 6
+    assert_same_state(a, b)
+    metrics = [json.loads(line) for line in (half / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 3, 4, 6]  # 3: the end of the first run; then 4 and 6
+    assert all(m["repa"] != 0 and m["sra"] != 0 and m["disp"] != 0 and m["div"] != 0 for m in metrics)
+
+
+def test_a_resume_across_an_epoch_boundary_sees_the_same_data(tmp_path):
+    # 40 images, batch 8: 5 batches per epoch; stop after 4, resume, cross into epoch 2
+    flags = ["--builtin-num-images", "40", "--max-steps", "8", "--save-every", "4"]
+    straight = run(tmp_path / "a", *flags)
+    half = run(tmp_path / "b", "--builtin-num-images", "40", "--max-steps", "4", "--save-every", "4")
+    train.main(parse_args(TINY_RUN + flags + ["--resume", str(half / "checkpoints" / "0000004.pt")]))
+    a, b = load(straight / "checkpoints" / "0000008.pt"), load(half / "checkpoints" / "0000008.pt")
+    assert (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"]) == (1, 3)
+    assert_same_state(a, b)
+
+
+def test_the_total_loss_is_the_papers_line():
+    terms = {"fm": torch.tensor(1.0), "repa": torch.tensor(-0.6), "w": torch.tensor(0.3), "div": torch.tensor(0.2),
+             "disp": torch.tensor(-2.0), "sra": torch.tensor(0.4)}
+    args = parse_args(TINY_RUN)
+    expected = 1.0 + 0.5 * -0.6 + 0.3 * 0.2 + 0.25 * -2.0 + 0.2 * 0.4
+    torch.testing.assert_close(train.total_loss(terms, args), torch.tensor(expected))
+
+
+def test_training_writes_the_dit_layout(tmp_path):
+    run_dir = run(tmp_path, "--diverse", "--max-steps", "4", "--save-every", "2", "--keep-last", "1",
+                  "--ckpt-every", "4", "--sample-every", "4")
+    assert run_dir.name == "000-SiT-Tiny-4-diverse"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000004.pt"]  # 2 pruned
+    assert (run_dir / "samples" / "0000004.png").is_file() and "saved" in (run_dir / "log.txt").read_text()
+    record = json.loads((run_dir / "args.json").read_text())
+    assert record["long_residual"] and record["diversity_loss"] and record["versions"]["torch"] == torch.__version__
+    assert "code" in record and record["data_kind"] == "pixel"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4]
+    assert {"loss", "fm", "div", "div_orth", "div_mi", "div_disp", "w", "grad_norm", "img_per_sec"} <= metrics[0].keys()
+    assert run(tmp_path, "--max-steps", "1").name == "001-SiT-Tiny-4-sit"
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def flow_matching_loss(v_pred, v):
+        calls.append(1)
+        loss = ((v_pred - v) ** 2).mean(dim=(1, 2, 3))
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "flow_matching_loss", flow_matching_loss)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss, fm, grad_norm at step 3.*0000002.pt\) is intact"):
+        run(tmp_path, "--max-steps", "6", "--save-every", "2", "--log-every", "4")
+    run_dir = next(tmp_path.iterdir())
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["0000002.pt"]
+    assert all(torch.isfinite(v).all() for v in load(run_dir / "checkpoints" / "0000002.pt")["model"].values())
+
+
+def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown model 'SiT-M/2'"):
+        run(tmp_path, "--model", "SiT-M/2")
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        run(tmp_path, "--data-path", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        train.local_batch_size(256, 3)
+    with pytest.raises(ValueError, match="give --encoder-depth"):
+        run(tmp_path, "--repa")
+    with pytest.raises(ValueError, match="--disp-block 9 is not a block of SiT-Tiny/4"):
+        run(tmp_path, "--disp", "--disp-block", "9")
+    first = run(tmp_path, "--max-steps", "2", "--save-every", "2")
+    with pytest.raises(ValueError, match="other settings: long_residual: False in the checkpoint, True now"):
+        run(tmp_path, "--diverse", "--max-steps", "4", "--resume", str(first))
+    with pytest.raises(ValueError, match="model: 'SiT-Tiny/4' in the checkpoint, 'SiT-S/4' now"):
+        run(tmp_path, "--model", "SiT-S/4", "--max-steps", "4", "--resume", str(first))
+    with pytest.raises(FileNotFoundError, match="neither a run directory nor a checkpoint"):
+        run(tmp_path, "--resume", str(tmp_path / "missing.pt"))
+
+
+def test_repa_needs_images_and_real_runs_need_dinov2_sized_images(tmp_path):
+    with pytest.raises(ValueError, match="256 or 512 px"):
+        run(tmp_path, "--repa", "--encoder-depth", "2")  # the real loader: 16-px shapes are refused
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "dataset.json").write_text(json.dumps({"format": 1, "images": False, "classes": ["a"],
+                                                                    "image_size": 256}))
+    import numpy as np
+    np.save(tmp_path / "prepared" / "status.npy", np.ones(1, dtype=np.uint8))
+    with pytest.raises(ValueError, match="--no-images"):
+        run(tmp_path, "--repa", "--encoder-depth", "2", "--data-path", str(tmp_path / "prepared"))
+
+
+def test_dinov2_target_preprocesses_as_repa():
+    class FakeDINOv2(nn.Module):
+        embed_dim = 768
+
+        def forward_features(self, x):
+            self.seen = x
+            return {"x_norm_patchtokens": x.mean(dim=1).flatten(1)[:, :, None]}
+
+    fake = FakeDINOv2()
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    DINOv2Target(fake, 256)(images)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = F.interpolate((images / 255 - mean) / std, size=224, mode="bicubic")
+    torch.testing.assert_close(fake.seen, expected)
+    assert DINOv2Target(fake, 512).input_size == 448
+
+
+def test_resample_pos_embed_keeps_the_class_slot_and_constant_fields():
+    pos = torch.randn(1, 1 + 37 * 37, 8)
+    pos[:, 1:] = torch.linspace(-1, 1, 8)  # every patch position the same vector
+    out = resample_pos_embed(pos, 16)
+    assert out.shape == (1, 1 + 16 * 16, 8)
+    torch.testing.assert_close(out[:, 0], pos[:, 0])
+    torch.testing.assert_close(out[:, 1:], pos[:, 1:2].expand(1, 256, 8))
+
+
+def test_the_resumable_sampler_deals_disjoint_batches_and_skips_what_was_trained():
+    samplers = [ResumableSampler(50, 4, rank, 3, seed=7) for rank in range(3)]
+    epoch0 = [list(s) for s in samplers]
+    assert all(len(e) == 16 for e in epoch0) and len(set(sum(epoch0, []))) == 48  # 4 batches of 4 per rank
+    samplers[1].start(0, 2)
+    assert list(samplers[1]) == epoch0[1][8:]
+    samplers[1].start(1, 0)
+    assert list(samplers[1]) != epoch0[1]  # a new order each epoch
+
+
+def test_two_ranks_keep_identical_weights(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               *TINY_RUN, "--diverse", "--max-steps", "4", "--save-every", "2", "--results-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = next(tmp_path.iterdir()) / "log.txt"
+    assert log.read_text().count("weights identical across 2 rank(s)") == 2
+    assert "2 process(es) × batch 4" in log.read_text()
+
+
+def test_the_readme_quick_start_command_runs(tmp_path):
+    readme = (Path(__file__).parent / "README.md").read_text()
+    section = readme[readme.index("## Quick start"):]
+    command = next(line for line in section.splitlines() if line.startswith("python train.py"))
+    argv = shlex.split(command.split("#")[0])[2:]
+    train.main(parse_args(argv + ["--max-steps", "10", "--sample-every", "10", "--results-dir", str(tmp_path)]))
+    run_dir = next(tmp_path.iterdir())
+    assert (run_dir / "checkpoints" / "0000010.pt").is_file() and (run_dir / "samples" / "0000010.png").is_file()

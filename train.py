@@ -1,0 +1,576 @@
+"""Training SiT with DiverseDiT's additions, and REPA, DispLoss and SRA, on one device or many (torchrun).
+
+    torchrun --nnodes=1 --nproc_per_node=8 train.py --model SiT-B/2 --data-path data/in256 --repa --diverse
+    python train.py --model SiT-Tiny/4 --data-path builtin:shapes --diverse ...     # README's CPU quick start
+
+The objective (one line in `total_loss`), each term from losses.py and switched on by its flag:
+
+    L = L_fm + 0.5·L_REPA + w(L_div)·L_div + 0.25·L_DispLoss + 0.2·L_SRA
+        (flow matching, --repa, --diverse / --diversity-loss, --disp, --sra; the coefficients are flags)
+
+Results go to results/NNN-<model>-<switches>/: log.txt, args.json, metrics.jsonl, checkpoints/NNNNNNN.pt and,
+every --sample-every steps, samples/NNNNNNN.png (an EMA grid). `--resume RUN_DIR_OR_CKPT` continues a run exactly.
+"""
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import PreparedDataset, ShapesDataset
+from losses import (adaptive_weight, dispersive_loss, diversity_loss, diversity_pairs, flow_matching_loss,
+                    interpolate, repa_loss, sample_time, sra_loss, sra_teacher_time)
+from models import SIT_SIZES, SiT_models, build_model
+from runtime import barrier, close_distributed, git_commit, init_distributed
+from sample import GRID_CLASSES, generate, save_grid
+from vae import load_vae, sample_latents
+
+BUILTIN_DATA = "builtin:shapes"  # --data-path for the built-in dataset (data.ShapesDataset, pixel space)
+# REPA alignment depth: the paper's Table A1 (5 for B, 8 for L and XL). Other sizes need --encoder-depth.
+ENCODER_DEPTH = {"B": 5, "L": 8, "XL": 8}
+# SRA (student block, teacher block), 1-indexed: SRA's code defaults (depth 12, the B model of the paper's
+# Table 9) and its README's SiT-XL/2 setting. Other sizes need --sra-student-block and --sra-teacher-block.
+SRA_BLOCKS = {"B": (4, 8), "XL": (8, 20)}
+DINOV2 = ("facebookresearch/dinov2", "dinov2_vitb14")  # REPA's DINOv2-B/14 through torch.hub
+DINOV2_PATCH = 14
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The run settings a resumed run must share with its checkpoint (other flags, e.g. --max-steps, may change).
+RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "global_batch_size", "long_residual",
+                     "diversity_loss", "repa", "encoder_depth", "disp", "disp_block", "sra", "sra_student_block",
+                     "sra_teacher_block", "path_type", "weighting", "learn_sigma")
+LOSS_TERMS = ("loss", "fm", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disp", "sra", "grad_norm")
+
+
+#################################################################################
+#                              REPA's target encoder                            #
+#################################################################################
+
+def resample_pos_embed(pos_embed, grid):
+    """A ViT position embedding (1, 1 + G², D) with a class slot resampled to (1, 1 + grid², D): bicubic with
+    antialiasing on the G×G grid, class slot kept (REPA resamples DINOv2's this way, with timm)."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    old = math.isqrt(patches.shape[1])
+    patches = patches.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)           # (1, D, G, G)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)  # (1, grid², D)
+    return torch.cat([cls, patches], dim=1)
+
+
+class DINOv2Target(nn.Module):
+    """REPA's alignment target: a frozen encoder's patch tokens of the clean image, (N, T, Z).
+
+    uint8 images (N, 3, S, S) → /255 → ImageNet mean/std → bicubic resize to 224·(S/256) → the encoder's
+    `forward_features(x)["x_norm_patchtokens"]`. The encoder is frozen and in eval mode; call under no_grad.
+    """
+
+    def __init__(self, encoder, image_size):
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.input_size = 224 * (image_size // 256)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def embed_dim(self):
+        return self.encoder.embed_dim
+
+    def forward(self, images):
+        x = (images.float() / 255 - self.mean) / self.std
+        x = F.interpolate(x, size=self.input_size, mode="bicubic")
+        return self.encoder.forward_features(x)["x_norm_patchtokens"]
+
+
+def load_dinov2(image_size):
+    """DINOv2-B/14 from torch.hub with its position embedding resampled to the (S/256·16)² patch grid (REPA)."""
+    if image_size % 256:
+        raise ValueError(f"REPA's DINOv2 target needs images of 256 or 512 px (224·S/256 pixels, 16·S/256 patches "
+                         f"per side), got {image_size}")
+    try:
+        encoder = torch.hub.load(*DINOV2)
+    except Exception as e:  # no network, no cached copy, GitHub rate limits…
+        raise RuntimeError(f"could not load {DINOV2[1]} through torch.hub ({e}). Run once where GitHub is reachable "
+                           f"to fill the hub cache ({torch.hub.get_dir()}), then train with the same TORCH_HOME."
+                           ) from None
+    encoder.pos_embed.data = resample_pos_embed(encoder.pos_embed.data, 16 * (image_size // 256))
+    encoder.head = nn.Identity()
+    return DINOv2Target(encoder, image_size)
+
+
+#################################################################################
+#                              Data in a resumable order                        #
+#################################################################################
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """This rank's sample indices for one epoch, from a given batch on.
+
+    Epoch e shuffles all indices with a generator seeded with (seed + e), keeps a multiple of the global batch
+    and deals them out round-robin over the ranks; `start(epoch, batch)` skips the batches already trained on, so
+    a resumed run sees exactly the data an uninterrupted one would.
+    """
+
+    def __init__(self, num_samples, local_batch, rank, world_size, seed):
+        self.num_samples, self.local_batch, self.rank, self.world_size, self.seed = (
+            num_samples, local_batch, rank, world_size, seed)
+        self.batches_per_epoch = num_samples // (local_batch * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
+                             f"{local_batch * world_size}")
+        self.epoch, self.first_batch = 0, 0
+
+    def start(self, epoch, batch):
+        self.epoch, self.first_batch = epoch, batch
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.first_batch) * self.local_batch
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        used = order[:self.batches_per_epoch * self.local_batch * self.world_size]
+        mine = used[self.rank::self.world_size]
+        return iter(mine[self.first_batch * self.local_batch:].tolist())
+
+
+def open_dataset(args):
+    if args.data_path == BUILTIN_DATA:
+        return ShapesDataset(args.builtin_num_images, args.builtin_image_size, seed=args.global_seed, images=args.repa)
+    return PreparedDataset(args.data_path, images=args.repa)  # clear errors: missing, incomplete, no images
+
+
+#################################################################################
+#                                  One training step                            #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """θ_EMA ← decay·θ_EMA + (1 − decay)·θ over all parameters, frozen ones included (as DiT / REPA)."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused pass instead of a Python loop
+
+
+def training_losses(model, teacher, encoder, x, y, images, args, pairs):
+    """Every loss term of the step as a float32 scalar (absent terms are 0), from one forward of the model.
+
+    x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8 for REPA, or None.
+    """
+    zero = x.new_zeros(())
+    terms = dict.fromkeys(LOSS_TERMS[1:-1], zero)  # every term but the total and the gradient norm
+    t = sample_time(len(x), args.weighting, args.path_type, device=x.device)  # (N,)
+    eps = torch.randn_like(x)
+    x_t, v = interpolate(x, eps, t, args.path_type)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with autocast:
+        if not args.needs_features:
+            v_pred = model(x_t, t, y)
+        else:
+            v_pred, feats = model(x_t, t, y, return_features=True)
+            if args.repa:
+                with torch.no_grad():
+                    targets = encoder(images)  # (N, T, Z)
+                terms["repa"] = repa_loss(feats.repa, [targets]).mean()
+            if args.sra:
+                t_teacher = sra_teacher_time(t, args.sra_t_max)
+                with torch.no_grad():  # the EMA teacher, same data, noise and (dropped) labels, less noisy
+                    _, teacher_feats = teacher(interpolate(x, eps, t_teacher, args.path_type)[0], t_teacher,
+                                               feats.labels, return_features=True)
+                terms["sra"] = sra_loss(feats.sra, teacher_feats.blocks[args.sra_teacher_block - 1]).mean()
+    terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
+    if args.diversity_loss:
+        div = diversity_loss(feats.blocks, pairs)
+        terms.update(div=div.total, div_orth=div.orthogonality, div_mi=div.mutual_information,
+                     div_disp=div.dispersion, w=adaptive_weight(div.total))
+    if args.disp:
+        terms["disp"] = dispersive_loss(feats.blocks[args.disp_block - 1], args.disp_tau)
+    return terms
+
+
+def total_loss(terms, args):
+    """L = L_fm + λ_REPA·L_REPA + w(L_div)·L_div + λ_disp·L_DispLoss + λ_SRA·L_SRA (absent terms are 0)."""
+    return (terms["fm"] + args.proj_coeff * terms["repa"] + terms["w"] * terms["div"]
+            + args.disp_coeff * terms["disp"] + args.sra_coeff * terms["sra"])
+
+
+#################################################################################
+#                          Checkpoints, results folder, logging                 #
+#################################################################################
+
+def save_atomically(obj, path):
+    """torch.save to a temporary file, then rename: a run killed at any moment leaves the old file intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_steps(folder):
+    return sorted(int(p.stem) for p in folder.glob("*.pt") if p.stem.isdigit())
+
+
+def prune_checkpoints(folder, keep_last, milestone_every):
+    """Keep the newest `keep_last` checkpoints and every milestone (a multiple of `milestone_every`)."""
+    steps = checkpoint_steps(folder)
+    for step in steps[:-keep_last] if keep_last else steps:
+        if step % milestone_every:
+            (folder / f"{step:07d}.pt").unlink()
+
+
+def resolve_checkpoint(resume):
+    """--resume RUN_DIR (its latest checkpoint) or a checkpoint file → (checkpoint path, run directory)."""
+    path = Path(resume)
+    if path.is_dir():
+        steps = checkpoint_steps(path / "checkpoints")
+        if not steps:
+            raise FileNotFoundError(f"--resume {path}: no checkpoints in {path / 'checkpoints'}")
+        return path / "checkpoints" / f"{steps[-1]:07d}.pt", path
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path} is neither a run directory nor a checkpoint file")
+    return path, path.parent.parent
+
+
+def check_resumable(saved, args):
+    changed = [f"{key}: {saved.get(key)!r} in the checkpoint, {getattr(args, key)!r} now" for key in RESUME_MUST_MATCH
+               if saved.get(key) != getattr(args, key)]
+    if changed:
+        raise ValueError("cannot resume a run with other settings: " + "; ".join(changed))
+
+
+def new_run_dir(results_dir, args):
+    """results/NNN-<model>-<switches>, NNN one more than the runs already there (DiT / SiT layout)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    switches = [name for name, on in [("repa", args.repa), ("longres", args.long_residual),
+                                      ("div", args.diversity_loss), ("disp", args.disp), ("sra", args.sra)] if on]
+    if args.long_residual and args.diversity_loss:
+        switches = ["diverse" if s == "longres" else s for s in switches if s != "div"]
+    numbers = [int(m.group(1)) for p in results_dir.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+    name = f"{max(numbers, default=-1) + 1:03d}-{args.model.replace('/', '-')}-{'-'.join(switches) or 'sit'}"
+    (results_dir / name / "checkpoints").mkdir(parents=True)
+    return results_dir / name
+
+
+def create_logger(run_dir, rank):
+    """Rank 0 logs to stdout and run_dir/log.txt; the other ranks stay silent (DiT)."""
+    logger = logging.getLogger("train")
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0:
+        logger.setLevel(logging.INFO)
+        formatter = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_gather(obj, world_size):
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+def resolve_args(args):
+    """Fill in the per-size defaults and refuse bad combinations, before any heavy work."""
+    if args.model not in SiT_models:
+        raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(SiT_models)}")
+    size = args.model.split("-")[1].split("/")[0]
+    depth = SIT_SIZES[size][0]
+    args.long_residual = args.long_residual or args.diverse
+    args.diversity_loss = args.diversity_loss or args.diverse
+    args.needs_features = args.diversity_loss or args.repa or args.disp or args.sra
+    if args.repa and args.encoder_depth is None:
+        if size not in ENCODER_DEPTH:
+            raise ValueError(f"--repa on {args.model}: give --encoder-depth (the paper's Table A1 covers B, L, XL)")
+        args.encoder_depth = ENCODER_DEPTH[size]
+    if not args.repa:
+        args.encoder_depth = None
+    if args.sra:
+        default = SRA_BLOCKS.get(size, (None, None))
+        args.sra_student_block = args.sra_student_block or default[0]
+        args.sra_teacher_block = args.sra_teacher_block or default[1]
+        if args.sra_student_block is None or args.sra_teacher_block is None:
+            raise ValueError(f"--sra on {args.model}: give --sra-student-block and --sra-teacher-block "
+                             f"(defaults exist for {', '.join(SRA_BLOCKS)})")
+    else:
+        args.sra_student_block = args.sra_teacher_block = None
+    args.disp_block = (args.disp_block or depth) if args.disp else None
+    for flag, block in [("--disp-block", args.disp_block), ("--sra-student-block", args.sra_student_block),
+                        ("--sra-teacher-block", args.sra_teacher_block), ("--encoder-depth", args.encoder_depth)]:
+        if block is not None and not 1 <= block <= depth:
+            raise ValueError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
+    if args.keep_last < 1:
+        raise ValueError("--keep-last must be at least 1: the newest checkpoint is what --resume continues from")
+    cuda = torch.cuda.is_available()
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.compile = cuda if args.compile is None else args.compile
+    return args
+
+
+def local_batch_size(global_batch_size, world_size):
+    if global_batch_size % world_size:
+        raise ValueError(f"--global-batch-size {global_batch_size} is not divisible by {world_size} processes")
+    return global_batch_size // world_size
+
+
+def main(args):
+    args = resolve_args(args)
+    rank, world_size, device = init_distributed()
+    local_batch = local_batch_size(args.global_batch_size, world_size)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+
+    dataset = open_dataset(args)
+    args.data_kind = "latent" if dataset.latent else "pixel"
+    args.image_size, args.num_classes = dataset.image_size, dataset.num_classes
+
+    # Resume: find the checkpoint first, so that a mismatch is refused before anything heavy is built.
+    ckpt = None
+    if args.resume:
+        ckpt_path, run_dir = resolve_checkpoint(args.resume)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        check_resumable(ckpt["args"], args)
+    elif rank == 0:
+        run_dir = new_run_dir(Path(args.results_dir), args)
+    if not args.resume:
+        run_dir = Path(all_gather(str(run_dir) if rank == 0 else None, world_size)[0])
+    logger = create_logger(run_dir, rank)
+
+    encoder = load_dinov2(args.image_size).to(device) if args.repa else None
+    # The same initial weights on every rank; then each rank its own random stream (DiT: seed·world + rank).
+    torch.manual_seed(args.global_seed)
+    C, H, _ = dataset.input_shape
+    model = build_model(args.model, input_size=H, in_channels=C, num_classes=dataset.num_classes,
+                        learn_sigma=args.learn_sigma, long_residual=args.long_residual,
+                        z_dims=[encoder.embed_dim] if args.repa else [], encoder_depth=args.encoder_depth,
+                        sra_depth=args.sra_student_block).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["opt"])
+        step, epoch, batch_in_epoch = ckpt["steps"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    torch.manual_seed(args.global_seed * world_size + rank)
+    if ckpt is not None:
+        if len(ckpt["rng"]) == world_size:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:
+            logger.info(f"resuming on {world_size} processes a run saved on {len(ckpt['rng'])}: "
+                        f"random streams restart from seed {args.global_seed}·{world_size} + rank")
+        logger.info(f"resumed from {ckpt_path} at step {step}")
+        del ckpt
+
+    vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
+    pairs = diversity_pairs(model.depth, args.encoder_depth) if args.diversity_loss else ()
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    train_model = torch.compile(ddp) if args.compile else ddp
+    teacher = torch.compile(ema) if args.compile and args.sra else ema
+
+    sampler = ResumableSampler(len(dataset), local_batch, rank, world_size, args.global_seed)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator())  # keeps the loader from drawing on the training stream
+
+    if rank == 0 and args.resume and (run_dir / "metrics.jsonl").is_file():
+        # Drop the lines the interrupted run logged after its last checkpoint: this run logs those steps again.
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        (run_dir / "metrics.jsonl").write_text("".join(f"{line}\n" for line in kept))
+    if rank == 0 and not args.resume:
+        record = {**vars(args), "world_size": world_size, "device": str(device), "code": git_commit(),
+                  "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                               "torchvision": torchvision.__version__, "numpy": np.__version__}}
+        (run_dir / "args.json").write_text(json.dumps(record, indent=1) + "\n")
+    logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+                f"{len(dataset):,} training images; {world_size} process(es) × batch {local_batch}; "
+                f"{args.precision}, compile {args.compile}; results in {run_dir}")
+
+    def save_checkpoint():
+        states = all_gather(rng_state(device), world_size)
+        sums = all_gather(float(sum(p.detach().double().sum() for p in model.parameters())), world_size)
+        if len(set(sums)) > 1:
+            raise RuntimeError(f"the ranks' weights differ at step {step} (sums {sums})")
+        if rank == 0:
+            folder = run_dir / "checkpoints"
+            save_atomically({"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+                             "args": vars(args), "steps": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                             "rng": states}, folder / f"{step:07d}.pt")
+            prune_checkpoints(folder, args.keep_last, args.ckpt_every)
+            logger.info(f"saved {folder / f'{step:07d}.pt'} (weights identical across {world_size} rank(s))")
+        barrier()
+
+    def sample_preview():
+        if rank == 0:
+            classes = GRID_CLASSES if dataset.num_classes == 1000 else list(range(min(8, dataset.num_classes)))
+            labels = torch.tensor([c for c in classes for _ in range(4)])
+            images = generate(ema, vae, list(range(len(labels))), seed=args.global_seed, num_steps=50,
+                              cfg_scale=args.sample_cfg_scale, bf16=args.precision == "bf16", labels=labels)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            save_grid(images, 4, run_dir / "samples" / f"{step:07d}.png")
+            logger.info(f"saved {run_dir / 'samples' / f'{step:07d}.png'}")
+
+    # On-device running sums: the host reads them only every --log-every steps (no per-step synchronisation).
+    sums, steps_in_sums = torch.zeros(len(LOSS_TERMS), device=device), 0
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_terms = torch.zeros(len(LOSS_TERMS), dtype=torch.bool, device=device)
+
+    def check_finite():
+        bad = first_bad_step.clone()
+        if world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() >= 0:
+            names = [n for n, b in zip(LOSS_TERMS, bad_terms.tolist()) if b] or ["(on another rank)"]
+            last = checkpoint_steps(run_dir / "checkpoints")
+            raise FloatingPointError(f"non-finite {', '.join(names)} at step {bad.item()}; stopped before saving, "
+                                     f"the last checkpoint ({f'{last[-1]:07d}.pt' if last else 'none'}) is intact")
+
+    model.train()
+    progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    start_time, start_step = time.time(), step
+    while step < args.max_steps:
+        sampler.start(epoch, batch_in_epoch)
+        for batch in loader:
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            images = batch[2].to(device, non_blocking=True) if args.repa else None
+            x = sample_latents(x) if dataset.latent else x  # a fresh posterior sample every step (REPA)
+            terms = training_losses(train_model, teacher, encoder, x, y, images, args, pairs)
+            loss = total_loss(terms, args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            update_ema(ema, model, args.ema_decay)
+
+            values = torch.stack([loss.detach()] + [terms[k].detach() for k in LOSS_TERMS[1:-1]] + [grad_norm])
+            finite = torch.isfinite(values)
+            new_bad = (first_bad_step < 0) & ~finite.all()
+            first_bad_step = torch.where(new_bad, step + 1, first_bad_step)
+            bad_terms = torch.where(new_bad, ~finite, bad_terms)
+            sums += values.float()
+            steps_in_sums += 1
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+            progress.update(1)
+
+            if step % args.log_every == 0 or step == args.max_steps:
+                check_finite()
+                if world_size > 1:
+                    dist.all_reduce(sums)
+                means = dict(zip(LOSS_TERMS, (sums / (steps_in_sums * world_size)).tolist()))
+                elapsed = time.time() - start_time
+                speed = (step - start_step) / max(elapsed, 1e-9)
+                record = {"step": step, **means, "steps_per_sec": speed,
+                          "img_per_sec": speed * args.global_batch_size}
+                if rank == 0:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{record['img_per_sec']:.1f}")
+                    logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in record.items()))
+                sums.zero_()
+                steps_in_sums, start_time, start_step = 0, time.time(), step
+            if step % args.save_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
+                check_finite()
+                save_checkpoint()
+            if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+                sample_preview()
+            if step == args.max_steps:
+                break
+        else:  # the epoch ran out
+            epoch, batch_in_epoch = epoch + 1, 0
+            continue
+        break
+    progress.close()
+    logger.info("done")
+    close_distributed()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # What to train on and where to write
+    p.add_argument("--model", default="SiT-B/2", help=f"one of {', '.join(SiT_models)}")
+    p.add_argument("--data-path", required=True, help=f"a folder prepared by data.py, or {BUILTIN_DATA}")
+    p.add_argument("--builtin-image-size", type=int, default=32, help=f"image size of {BUILTIN_DATA}")
+    p.add_argument("--builtin-num-images", type=int, default=10_000, help=f"number of images of {BUILTIN_DATA}")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--resume", default=None, help="a run directory (its latest checkpoint) or a checkpoint file")
+    # Method switches
+    p.add_argument("--diverse", action="store_true", help="DiverseDiT: --long-residual and --diversity-loss")
+    p.add_argument("--long-residual", action="store_true", help="long residual connections (paper Sec. 3.1)")
+    p.add_argument("--diversity-loss", action="store_true", help="L_div with its adaptive weight (paper Sec. 3.2)")
+    p.add_argument("--repa", action="store_true", help="REPA: align a block to DINOv2-B/14 patch tokens")
+    p.add_argument("--encoder-depth", type=int, default=None, help="REPA's aligned block (default: the paper's "
+                                                                    "Table A1, 5 for B, 8 for L and XL)")
+    p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA's λ (REPA, the paper)")
+    p.add_argument("--disp", action="store_true", help="DispLoss (Wang & He), PyTorch release settings")
+    p.add_argument("--disp-coeff", type=float, default=0.25, help="DispLoss λ (its PyTorch release)")
+    p.add_argument("--disp-tau", type=float, default=1.0, help="DispLoss τ (its PyTorch release)")
+    p.add_argument("--disp-block", type=int, default=None, help="DispLoss block, 1-indexed (default: the last)")
+    p.add_argument("--sra", action="store_true", help="SRA: align a block to the EMA teacher's deeper block")
+    p.add_argument("--sra-coeff", type=float, default=0.2, help="SRA's weight (its paper, 256 px)")
+    p.add_argument("--sra-t-max", type=float, default=0.2, help="SRA teacher time offset: t − t_max·U(0, 1)")
+    p.add_argument("--sra-student-block", type=int, default=None, help="default: 4 for B, 8 for XL (SRA)")
+    p.add_argument("--sra-teacher-block", type=int, default=None, help="default: 8 for B, 20 for XL (SRA)")
+    p.add_argument("--learn-sigma", action="store_true", help="SiT's 2·C outputs (only for SiT-compatible weights)")
+    p.add_argument("--path-type", choices=["linear", "cosine"], default="linear", help="interpolant (REPA: linear)")
+    p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t sampling (REPA)")
+    # Optimisation: REPA / DiverseDiT defaults
+    p.add_argument("--max-steps", type=int, default=400_000)
+    p.add_argument("--global-batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--adam-eps", type=float, default=1e-8)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (REPA)")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--global-seed", type=int, default=0)
+    # Speed
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--num-workers", type=int, default=4)
+    # Logging, checkpoints, previews
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=50_000, help="milestone checkpoints, all kept")
+    p.add_argument("--save-every", type=int, default=5_000, help="checkpoints for resuming, the last --keep-last kept")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--sample-every", type=int, default=10_000, help="EMA preview grid every N steps (0: never)")
+    p.add_argument("--sample-cfg-scale", type=float, default=4.0, help="preview guidance (SiT / REPA previews: 4)")
+    p.add_argument("--vae", default="ema", help="decoder for latent previews: 'ema', 'mse' or a path")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
