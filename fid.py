@@ -98,17 +98,22 @@ def tf1_resize_bilinear(x, size):
     """TensorFlow-1's `resize_bilinear` (align_corners=False, no half-pixel centres, no antialiasing).
 
     Output pixel d samples the input at d·(in/out), computed in float32; the lower neighbour is its floor and
-    the upper one is clamped to the edge; interpolate along x on the two rows, then along y. x: (N, C, H, W).
+    the upper one is clamped to the edge; interpolate along x on the two rows, then along y, in TF's order of
+    operations. x: (N, C, H, W) → (N, C, size, size) in channels-last memory (what the convolutions run fastest
+    on here), computed on an (N, H, W, C) copy.
     """
     def axis(n_in):
         src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size)
         lo = src.floor().long()
         return lo, (lo + 1).clamp(max=n_in - 1), src - lo  # (size,) each
-    (y0, y1, dy), (x0, x1, dx) = axis(x.shape[2]), axis(x.shape[3])
-    top, bottom = x[:, :, y0], x[:, :, y1]                                      # (N, C, size, W)
-    top = top[..., x0] + (top[..., x1] - top[..., x0]) * dx                    # (N, C, size, size)
-    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * dx
-    return top + (bottom - top) * dy[:, None]
+    nhwc = x.permute(0, 2, 3, 1).contiguous()                                   # (N, H, W, C)
+    (y0, y1, dy), (x0, x1, dx) = axis(nhwc.shape[1]), axis(nhwc.shape[2])
+    # Every source row interpolated along x once; output row d then takes rows y0[d] and y1[d] of it. Same
+    # operations as TF (top = tl + (tr − tl)·dx, …), with half the column gathers.
+    left = nhwc.index_select(2, x0)
+    rows = left + (nhwc.index_select(2, x1) - left) * dx[:, None]              # (N, H, size, C)
+    top, bottom = rows.index_select(1, y0), rows.index_select(1, y1)            # (N, size, size, C)
+    return (top + (bottom - top) * dy[:, None, None]).permute(0, 3, 1, 2)      # (N, C, size, size)
 
 
 class FIDInception(tv.Inception3):
@@ -125,15 +130,15 @@ class FIDInception(tv.Inception3):
         """uint8 images (N, 3, H, W) → InceptionFeatures."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        x = tf1_resize_bilinear(images.float(), INCEPTION_SIZE)
-        x = (x - 128) / 128
+        x = tf1_resize_bilinear(images.float(), INCEPTION_SIZE).sub_(128).div_(128)  # (N, 3, 299, 299)
         x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))  # (N, 64, 73, 73)
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))                      # (N, 192, 35, 35)
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
             x = block(x)                                                                   # (N, 768, 17, 17)
-        # TF's mixed_6/conv: Mixed_6d's 1×1 branch (post-ReLU); computed again inside Mixed_6d (1×1 conv, cheap)
-        spatial = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]                         # (N, 7, 17, 17)
-        for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        branches = self.Mixed_6d._forward(x)  # TF's mixed_6/conv is Mixed_6d's 1×1 branch (post-ReLU)
+        spatial = branches[0][:, :SPATIAL_CHANNELS]                                        # (N, 7, 17, 17)
+        x = torch.cat(branches, 1)                                                         # (N, 768, 17, 17)
+        for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)                                                                   # (N, 2048, 8, 8)
         pool = x.mean(dim=(2, 3))                                                          # (N, 2048)
         return InceptionFeatures(pool, spatial.permute(0, 2, 3, 1).flatten(1), pool @ self.fc.weight.T)

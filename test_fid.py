@@ -2,6 +2,9 @@
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -283,3 +286,17 @@ def test_statistics_carried_by_an_npz_replace_its_images(tmp_path):
     assert source.count == 2 and source.batches is not None  # its images still serve precision and recall
     carried = fid.statistics_of(source, features=None)
     assert all(np.array_equal(carried[k], stats[k]) for k in stats)
+
+
+def test_two_ranks_under_torchrun_extract_the_one_process_features_in_order(inception, tmp_path):
+    np.savez(tmp_path / "ref.npz", arr_0=image_batch(5, seed=3))
+    fid.main(fid_args(tmp_path / "ref.npz", save_stats=tmp_path / "one.npz", inception=inception[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fid.py",
+               str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "two.npz"), "--inception", str(inception[1]),
+               "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    np.testing.assert_allclose(two["pool"], one["pool"], rtol=1e-5, atol=1e-6)  # rank 0 images 0–1, rank 1 2–4
+    np.testing.assert_allclose(two["mu_s"], one["mu_s"], rtol=1e-5, atol=1e-6)

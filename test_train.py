@@ -37,7 +37,7 @@ class StandInEncoder(nn.Module):
 def stand_in_encoder(monkeypatch):
     torch.manual_seed(123)
     encoder = StandInEncoder().requires_grad_(False)
-    monkeypatch.setattr(train, "load_dinov2", lambda image_size: encoder)
+    monkeypatch.setattr(train, "load_dinov2", lambda image_size, num_tokens: encoder)
     return encoder
 
 
@@ -87,6 +87,23 @@ def test_a_resume_across_an_epoch_boundary_sees_the_same_data(tmp_path):
     a, b = load(straight / "checkpoints" / "0000008.pt"), load(half / "checkpoints" / "0000008.pt")
     assert (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"]) == (1, 3)
     assert_same_state(a, b)
+
+
+def test_resume_needs_only_the_run_directory_and_refuses_changed_settings(tmp_path):
+    first = run(tmp_path, "--diverse", "--max-steps", "2", "--save-every", "2")
+    train.main(parse_args(["--resume", str(first), "--max-steps", "4"]))  # every other flag from the run
+    assert load(first / "checkpoints" / "0000004.pt")["args"]["long_residual"]
+    with pytest.raises(ValueError, match="global_seed: 0 in the checkpoint, 1 now"):
+        train.main(parse_args(["--resume", str(first), "--max-steps", "6", "--global-seed", "1"]))
+    with pytest.raises(ValueError, match="newer checkpoints \\(0000004\\)"):
+        parse_args(["--resume", str(first / "checkpoints" / "0000002.pt")])
+
+
+def test_metrics_lines_after_the_checkpoint_and_a_cut_line_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"ste')
+    train.truncate_metrics(path, 4)
+    assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
 
 
 def test_the_total_loss_is_the_papers_line():
@@ -151,6 +168,10 @@ def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
 def test_repa_needs_images_and_real_runs_need_dinov2_sized_images(tmp_path):
     with pytest.raises(ValueError, match="256 or 512 px"):
         run(tmp_path, "--repa", "--encoder-depth", "2")  # the real loader: 16-px shapes are refused
+    with pytest.raises(ValueError, match="model has 64 tokens and DINOv2 256"):
+        train.load_dinov2(256, 64)  # SiT-*/4 at 256 px: refused before anything is downloaded
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        run(tmp_path, "--builtin-num-images", "4")
     (tmp_path / "prepared").mkdir()
     (tmp_path / "prepared" / "dataset.json").write_text(json.dumps({"format": 1, "images": False, "classes": ["a"],
                                                                     "image_size": 256}))

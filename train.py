@@ -47,13 +47,14 @@ ENCODER_DEPTH = {"B": 5, "L": 8, "XL": 8}
 # Table 9) and its README's SiT-XL/2 setting. Other sizes need --sra-student-block and --sra-teacher-block.
 SRA_BLOCKS = {"B": (4, 8), "XL": (8, 20)}
 DINOV2 = ("facebookresearch/dinov2", "dinov2_vitb14")  # REPA's DINOv2-B/14 through torch.hub
-DINOV2_PATCH = 14
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The run settings a resumed run must share with its checkpoint (other flags, e.g. --max-steps, may change).
-RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "global_batch_size", "long_residual",
-                     "diversity_loss", "repa", "encoder_depth", "disp", "disp_block", "sra", "sra_student_block",
-                     "sra_teacher_block", "path_type", "weighting", "learn_sigma")
-LOSS_TERMS = ("loss", "fm", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disp", "sra", "grad_norm")
+RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "num_samples", "global_batch_size",
+                     "global_seed", "long_residual", "diversity_loss", "repa", "encoder_depth", "projector_dim",
+                     "disp", "disp_block", "sra", "sra_student_block", "sra_teacher_block", "path_type", "weighting",
+                     "learn_sigma", "class_dropout_prob", "ckpt_every")
+TERMS = ("fm", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disp", "sra")  # what training_losses returns
+LOGGED = ("loss", *TERMS, "grad_norm")  # every --log-every steps, averaged over steps and processes
 
 
 #################################################################################
@@ -95,18 +96,31 @@ class DINOv2Target(nn.Module):
         return self.encoder.forward_features(x)["x_norm_patchtokens"]
 
 
-def load_dinov2(image_size):
-    """DINOv2-B/14 from torch.hub with its position embedding resampled to the (S/256·16)² patch grid (REPA)."""
+def load_dinov2(image_size, num_tokens):
+    """DINOv2-B/14 from torch.hub with its position embedding resampled to the (S/256·16)² patch grid (REPA).
+
+    Rank 0 loads first (filling the hub cache), the other ranks after it. `num_tokens` is the model's token count,
+    which REPA aligns index to index with DINOv2's patches.
+    """
     if image_size % 256:
         raise ValueError(f"REPA's DINOv2 target needs images of 256 or 512 px (224·S/256 pixels, 16·S/256 patches "
                          f"per side), got {image_size}")
+    grid = 16 * (image_size // 256)
+    if num_tokens != grid * grid:
+        raise ValueError(f"REPA aligns token i with DINOv2 patch i, but the model has {num_tokens} tokens and "
+                         f"DINOv2 {grid * grid} at {image_size} px: use patch size 2")
     try:
-        encoder = torch.hub.load(*DINOV2)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            barrier()  # rank 0 fills the cache first
+        encoder = torch.hub.load(*DINOV2, trust_repo=True)
     except Exception as e:  # no network, no cached copy, GitHub rate limits…
         raise RuntimeError(f"could not load {DINOV2[1]} through torch.hub ({e}). Run once where GitHub is reachable "
                            f"to fill the hub cache ({torch.hub.get_dir()}), then train with the same TORCH_HOME."
                            ) from None
-    encoder.pos_embed.data = resample_pos_embed(encoder.pos_embed.data, 16 * (image_size // 256))
+    finally:
+        if dist.is_initialized() and dist.get_rank() == 0:
+            barrier()
+    encoder.pos_embed.data = resample_pos_embed(encoder.pos_embed.data, grid)
     encoder.head = nn.Identity()
     return DINOv2Target(encoder, image_size)
 
@@ -162,19 +176,23 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused pass instead of a Python loop
 
 
+def needs_features(args):
+    return args.diversity_loss or args.repa or args.disp or args.sra
+
+
 def training_losses(model, teacher, encoder, x, y, images, args, pairs):
-    """Every loss term of the step as a float32 scalar (absent terms are 0), from one forward of the model.
+    """Every loss term of the step (TERMS) as a float32 scalar, absent terms 0: one forward of the model, plus
+    the frozen REPA encoder and the EMA teacher (SRA) under no_grad.
 
     x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8 for REPA, or None.
     """
-    zero = x.new_zeros(())
-    terms = dict.fromkeys(LOSS_TERMS[1:-1], zero)  # every term but the total and the gradient norm
+    terms = dict.fromkeys(TERMS, x.new_zeros(()))
     t = sample_time(len(x), args.weighting, args.path_type, device=x.device)  # (N,)
     eps = torch.randn_like(x)
     x_t, v = interpolate(x, eps, t, args.path_type)
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with autocast:
-        if not args.needs_features:
+        if not needs_features(args):
             v_pred = model(x_t, t, y)
         else:
             v_pred, feats = model(x_t, t, y, return_features=True)
@@ -187,7 +205,8 @@ def training_losses(model, teacher, encoder, x, y, images, args, pairs):
                 with torch.no_grad():  # the EMA teacher, same data, noise and (dropped) labels, less noisy
                     _, teacher_feats = teacher(interpolate(x, eps, t_teacher, args.path_type)[0], t_teacher,
                                                feats.labels, return_features=True)
-                terms["sra"] = sra_loss(feats.sra, teacher_feats.blocks[args.sra_teacher_block - 1]).mean()
+                teacher_block = teacher_feats.blocks[args.sra_teacher_block - 1]
+                terms["sra"] = sra_loss(feats.sra, teacher_block, args.sra_beta).mean()
     terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
     if args.diversity_loss:
         div = diversity_loss(feats.blocks, pairs)
@@ -209,9 +228,13 @@ def total_loss(terms, args):
 #################################################################################
 
 def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename: a run killed at any moment leaves the old file intact."""
+    """torch.save to a temporary file, flushed to disk, then renamed: a run killed (or a machine that loses power)
+    at any moment leaves the old file intact."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -221,8 +244,7 @@ def checkpoint_steps(folder):
 
 def prune_checkpoints(folder, keep_last, milestone_every):
     """Keep the newest `keep_last` checkpoints and every milestone (a multiple of `milestone_every`)."""
-    steps = checkpoint_steps(folder)
-    for step in steps[:-keep_last] if keep_last else steps:
+    for step in checkpoint_steps(folder)[:-keep_last]:
         if step % milestone_every:
             (folder / f"{step:07d}.pt").unlink()
 
@@ -237,6 +259,12 @@ def resolve_checkpoint(resume):
         return path / "checkpoints" / f"{steps[-1]:07d}.pt", path
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path} is neither a run directory nor a checkpoint file")
+    if path.parent.name != "checkpoints":
+        raise ValueError(f"--resume {path}: a checkpoint is resumed inside its run (RUN_DIR/checkpoints/NNNNNNN.pt)")
+    newer = [s for s in checkpoint_steps(path.parent) if path.stem.isdigit() and s > int(path.stem)]
+    if newer:
+        raise ValueError(f"--resume {path}: the run has newer checkpoints ({', '.join(f'{s:07d}' for s in newer)}); "
+                         f"resume from the newest, or move those away first")
     return path, path.parent.parent
 
 
@@ -260,9 +288,26 @@ def new_run_dir(results_dir, args):
     return results_dir / name
 
 
+def truncate_metrics(path, step):
+    """Drop the lines an interrupted run logged after its last checkpoint (this run logs those steps again), and
+    a last line cut short by the interruption."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def create_logger(run_dir, rank):
     """Rank 0 logs to stdout and run_dir/log.txt; the other ranks stay silent (DiT)."""
     logger = logging.getLogger("train")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     if rank == 0:
@@ -307,7 +352,6 @@ def resolve_args(args):
     depth = SIT_SIZES[size][0]
     args.long_residual = args.long_residual or args.diverse
     args.diversity_loss = args.diversity_loss or args.diverse
-    args.needs_features = args.diversity_loss or args.repa or args.disp or args.sra
     if args.repa and args.encoder_depth is None:
         if size not in ENCODER_DEPTH:
             raise ValueError(f"--repa on {args.model}: give --encoder-depth (the paper's Table A1 covers B, L, XL)")
@@ -330,6 +374,11 @@ def resolve_args(args):
             raise ValueError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
     if args.keep_last < 1:
         raise ValueError("--keep-last must be at least 1: the newest checkpoint is what --resume continues from")
+    for flag in ("log_every", "save_every", "ckpt_every", "max_steps", "global_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.data_path is None:
+        raise ValueError(f"--data-path is required (a folder prepared by data.py, or {BUILTIN_DATA})")
     cuda = torch.cuda.is_available()
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.compile = cuda if args.compile is None else args.compile
@@ -350,27 +399,36 @@ def main(args):
 
     dataset = open_dataset(args)
     args.data_kind = "latent" if dataset.latent else "pixel"
-    args.image_size, args.num_classes = dataset.image_size, dataset.num_classes
+    args.image_size, args.num_classes, args.num_samples = dataset.image_size, dataset.num_classes, len(dataset)
+    if len(dataset) < args.global_batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                         f"({args.global_batch_size})")
 
     # Resume: find the checkpoint first, so that a mismatch is refused before anything heavy is built.
     ckpt = None
     if args.resume:
         ckpt_path, run_dir = resolve_checkpoint(args.resume)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         check_resumable(ckpt["args"], args)
-    elif rank == 0:
-        run_dir = new_run_dir(Path(args.results_dir), args)
+    # Rank 0's own work (the VAE for previews, the run folder) comes before the first collective, so that its
+    # errors end the run instead of leaving the other ranks waiting. The VAE is built before any seeding: its
+    # initialisation would otherwise draw on the training stream and break exact resumption.
+    vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
     if not args.resume:
+        run_dir = new_run_dir(Path(args.results_dir), args) if rank == 0 else None
         run_dir = Path(all_gather(str(run_dir) if rank == 0 else None, world_size)[0])
     logger = create_logger(run_dir, rank)
+    logger.info(f"code {git_commit()}, torch {torch.__version__}" + (f"; resuming {ckpt_path}" if ckpt else ""))
 
-    encoder = load_dinov2(args.image_size).to(device) if args.repa else None
+    C, H, _ = dataset.input_shape
+    patch = int(args.model.rsplit("/", 1)[1])
+    encoder = load_dinov2(args.image_size, (H // patch) ** 2).to(device) if args.repa else None
     # The same initial weights on every rank; then each rank its own random stream (DiT: seed·world + rank).
     torch.manual_seed(args.global_seed)
-    C, H, _ = dataset.input_shape
     model = build_model(args.model, input_size=H, in_channels=C, num_classes=dataset.num_classes,
-                        learn_sigma=args.learn_sigma, long_residual=args.long_residual,
-                        z_dims=[encoder.embed_dim] if args.repa else [], encoder_depth=args.encoder_depth,
+                        class_dropout_prob=args.class_dropout_prob, learn_sigma=args.learn_sigma,
+                        long_residual=args.long_residual, z_dims=[encoder.embed_dim] if args.repa else [],
+                        encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                         sra_depth=args.sra_student_block).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
@@ -380,6 +438,8 @@ def main(args):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["opt"])
+        for group in optimizer.param_groups:  # the optimiser's settings are this run's flags, not the saved ones
+            group.update(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
         step, epoch, batch_in_epoch = ckpt["steps"], ckpt["epoch"], ckpt["batch_in_epoch"]
     torch.manual_seed(args.global_seed * world_size + rank)
     if ckpt is not None:
@@ -391,7 +451,6 @@ def main(args):
         logger.info(f"resumed from {ckpt_path} at step {step}")
         del ckpt
 
-    vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
     pairs = diversity_pairs(model.depth, args.encoder_depth) if args.diversity_loss else ()
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     train_model = torch.compile(ddp) if args.compile else ddp
@@ -403,10 +462,7 @@ def main(args):
                         generator=torch.Generator())  # keeps the loader from drawing on the training stream
 
     if rank == 0 and args.resume and (run_dir / "metrics.jsonl").is_file():
-        # Drop the lines the interrupted run logged after its last checkpoint: this run logs those steps again.
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        (run_dir / "metrics.jsonl").write_text("".join(f"{line}\n" for line in kept))
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     if rank == 0 and not args.resume:
         record = {**vars(args), "world_size": world_size, "device": str(device), "code": git_commit(),
                   "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -418,9 +474,9 @@ def main(args):
 
     def save_checkpoint():
         states = all_gather(rng_state(device), world_size)
-        sums = all_gather(float(sum(p.detach().double().sum() for p in model.parameters())), world_size)
-        if len(set(sums)) > 1:
-            raise RuntimeError(f"the ranks' weights differ at step {step} (sums {sums})")
+        weight_sums = all_gather(float(sum(p.detach().double().sum() for p in model.parameters())), world_size)
+        if len(set(weight_sums)) > 1:
+            raise RuntimeError(f"the ranks' weights differ at step {step} (sums {weight_sums})")
         if rank == 0:
             folder = run_dir / "checkpoints"
             save_atomically({"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
@@ -441,16 +497,19 @@ def main(args):
             logger.info(f"saved {run_dir / 'samples' / f'{step:07d}.png'}")
 
     # On-device running sums: the host reads them only every --log-every steps (no per-step synchronisation).
-    sums, steps_in_sums = torch.zeros(len(LOSS_TERMS), device=device), 0
+    sums, steps_in_sums = torch.zeros(len(LOGGED), device=device), 0
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    bad_terms = torch.zeros(len(LOSS_TERMS), dtype=torch.bool, device=device)
+    bad_terms = torch.zeros(len(LOGGED), dtype=torch.uint8, device=device)  # uint8: all-reducible
 
     def check_finite():
-        bad = first_bad_step.clone()
-        if world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() >= 0:
-            names = [n for n, b in zip(LOSS_TERMS, bad_terms.tolist()) if b] or ["(on another rank)"]
+        never = torch.iinfo(torch.long).max
+        bad = torch.where(first_bad_step < 0, never, first_bad_step)
+        terms_seen = bad_terms.clone()
+        if world_size > 1:  # the earliest bad step of any rank, and the terms any rank saw go bad
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            dist.all_reduce(terms_seen, op=dist.ReduceOp.MAX)
+        if bad.item() != never:
+            names = [n for n, b in zip(LOGGED, terms_seen.tolist()) if b]
             last = checkpoint_steps(run_dir / "checkpoints")
             raise FloatingPointError(f"non-finite {', '.join(names)} at step {bad.item()}; stopped before saving, "
                                      f"the last checkpoint ({f'{last[-1]:07d}.pt' if last else 'none'}) is intact")
@@ -472,11 +531,11 @@ def main(args):
             optimizer.step()
             update_ema(ema, model, args.ema_decay)
 
-            values = torch.stack([loss.detach()] + [terms[k].detach() for k in LOSS_TERMS[1:-1]] + [grad_norm])
+            values = torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS), grad_norm])  # as LOGGED
             finite = torch.isfinite(values)
             new_bad = (first_bad_step < 0) & ~finite.all()
             first_bad_step = torch.where(new_bad, step + 1, first_bad_step)
-            bad_terms = torch.where(new_bad, ~finite, bad_terms)
+            bad_terms = torch.where(new_bad, (~finite).to(torch.uint8), bad_terms)
             sums += values.float()
             steps_in_sums += 1
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
@@ -486,7 +545,7 @@ def main(args):
                 check_finite()
                 if world_size > 1:
                     dist.all_reduce(sums)
-                means = dict(zip(LOSS_TERMS, (sums / (steps_in_sums * world_size)).tolist()))
+                means = dict(zip(LOGGED, (sums / (steps_in_sums * world_size)).tolist()))
                 elapsed = time.time() - start_time
                 speed = (step - start_step) / max(elapsed, 1e-9)
                 record = {"step": step, **means, "steps_per_sec": speed,
@@ -516,14 +575,15 @@ def main(args):
 
 
 def parse_args(argv=None):
+    """The flags; with --resume, those the run was started with are the defaults (so --resume RUN_DIR suffices)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # What to train on and where to write
     p.add_argument("--model", default="SiT-B/2", help=f"one of {', '.join(SiT_models)}")
-    p.add_argument("--data-path", required=True, help=f"a folder prepared by data.py, or {BUILTIN_DATA}")
+    p.add_argument("--data-path", default=None, help=f"a folder prepared by data.py, or {BUILTIN_DATA}")
     p.add_argument("--builtin-image-size", type=int, default=32, help=f"image size of {BUILTIN_DATA}")
     p.add_argument("--builtin-num-images", type=int, default=10_000, help=f"number of images of {BUILTIN_DATA}")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--resume", default=None, help="a run directory (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--resume", default=None, help="a run directory (its newest checkpoint) or one of its checkpoints")
     # Method switches
     p.add_argument("--diverse", action="store_true", help="DiverseDiT: --long-residual and --diversity-loss")
     p.add_argument("--long-residual", action="store_true", help="long residual connections (paper Sec. 3.1)")
@@ -532,29 +592,32 @@ def parse_args(argv=None):
     p.add_argument("--encoder-depth", type=int, default=None, help="REPA's aligned block (default: the paper's "
                                                                     "Table A1, 5 for B, 8 for L and XL)")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA's λ (REPA, the paper)")
+    p.add_argument("--projector-dim", type=int, default=2048, help="REPA projector's hidden width (REPA)")
     p.add_argument("--disp", action="store_true", help="DispLoss (Wang & He), PyTorch release settings")
     p.add_argument("--disp-coeff", type=float, default=0.25, help="DispLoss λ (its PyTorch release)")
     p.add_argument("--disp-tau", type=float, default=1.0, help="DispLoss τ (its PyTorch release)")
     p.add_argument("--disp-block", type=int, default=None, help="DispLoss block, 1-indexed (default: the last)")
     p.add_argument("--sra", action="store_true", help="SRA: align a block to the EMA teacher's deeper block")
     p.add_argument("--sra-coeff", type=float, default=0.2, help="SRA's weight (its paper, 256 px)")
-    p.add_argument("--sra-t-max", type=float, default=0.2, help="SRA teacher time offset: t − t_max·U(0, 1)")
+    p.add_argument("--sra-beta", type=float, default=0.05, help="SRA's smooth-L1 β (its paper)")
+    p.add_argument("--sra-t-max", type=float, default=0.2, help="SRA teacher time offset: t − t_max·U(0, 1) (SRA)")
     p.add_argument("--sra-student-block", type=int, default=None, help="default: 4 for B, 8 for XL (SRA)")
     p.add_argument("--sra-teacher-block", type=int, default=None, help="default: 8 for B, 20 for XL (SRA)")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG (DiT, SiT, REPA)")
     p.add_argument("--learn-sigma", action="store_true", help="SiT's 2·C outputs (only for SiT-compatible weights)")
     p.add_argument("--path-type", choices=["linear", "cosine"], default="linear", help="interpolant (REPA: linear)")
     p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t sampling (REPA)")
-    # Optimisation: REPA / DiverseDiT defaults
-    p.add_argument("--max-steps", type=int, default=400_000)
-    p.add_argument("--global-batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.999)
-    p.add_argument("--adam-eps", type=float, default=1e-8)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    # Optimisation: REPA's and the authors' release's defaults (the paper: AdamW, lr 1e-4, batch 256, 400K steps)
+    p.add_argument("--max-steps", type=int, default=400_000, help="(the paper's Tables 1, 4, 6–9)")
+    p.add_argument("--global-batch-size", type=int, default=256, help="split over the processes (the paper)")
+    p.add_argument("--lr", type=float, default=1e-4, help="constant (the paper, REPA)")
+    p.add_argument("--beta1", type=float, default=0.9, help="(the paper)")
+    p.add_argument("--beta2", type=float, default=0.999, help="(the paper)")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="(REPA)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="(the paper: without decay)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (REPA)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="(DiT, SiT, REPA)")
+    p.add_argument("--global-seed", type=int, default=0, help="(REPA's README command: 0)")
     # Speed
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -562,13 +625,18 @@ def parse_args(argv=None):
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--num-workers", type=int, default=4)
     # Logging, checkpoints, previews
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=50_000, help="milestone checkpoints, all kept")
+    p.add_argument("--log-every", type=int, default=100, help="(REPA)")
+    p.add_argument("--ckpt-every", type=int, default=50_000, help="milestone checkpoints, all kept (REPA)")
     p.add_argument("--save-every", type=int, default=5_000, help="checkpoints for resuming, the last --keep-last kept")
     p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--sample-every", type=int, default=10_000, help="EMA preview grid every N steps (0: never)")
+    p.add_argument("--sample-every", type=int, default=10_000, help="EMA preview grid every N steps, 0: never (REPA)")
     p.add_argument("--sample-cfg-scale", type=float, default=4.0, help="preview guidance (SiT / REPA previews: 4)")
     p.add_argument("--vae", default="ema", help="decoder for latent previews: 'ema', 'mse' or a path")
+    known, _ = p.parse_known_args(argv)
+    if known.resume:  # the run's own settings become the defaults; flags given now still override them
+        saved = torch.load(resolve_checkpoint(known.resume)[0], map_location="cpu", weights_only=True, mmap=True)
+        flags = vars(known).keys()
+        p.set_defaults(**{k: v for k, v in saved["args"].items() if k in flags and k != "resume"})
     return p.parse_args(argv)
 
 
