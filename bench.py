@@ -334,7 +334,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", nargs="?", default="step", choices=list(BENCHMARK_DEFAULTS))
     parser.add_argument("--model", default=None, help="default: SiT-B/2 for step, SiT-Tiny/4 for sampler")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 for step, 256 for data, 16 for sampler")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 8 for step and train, 256 for data, 16 for sampler, 50 for fid")
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
     parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")

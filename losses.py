@@ -319,3 +319,42 @@ def sra_loss(student, teacher, beta=0.05):
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features differ")
     elementwise = F.smooth_l1_loss(student.float(), teacher.detach().float(), beta=beta, reduction="none")
     return elementwise.mean(dim=(1, 2))
+
+
+#################################################################################
+#                 MeanFlow (Geng et al. 2025): one-step generation              #
+#################################################################################
+
+MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD = -0.4, 1.0  # logit-normal (t, r) draws (official configs)
+MEANFLOW_R_EQUALS_T = 0.75                          # fraction of the batch with r = t (official data_proportion)
+MEANFLOW_NORM_EPS = 1e-2                            # c of the adaptive weight: the official code (the paper: 1e-3)
+
+
+def sample_meanflow_times(n, device=None, p_mean=MEANFLOW_TIME_MEAN, p_std=MEANFLOW_TIME_STD,
+                          r_equals_t=MEANFLOW_R_EQUALS_T):
+    """(t, r), each (n,): two logit-normal draws σ(N(p_mean, p_std)), t the larger and r the smaller; the first
+    ⌊r_equals_t·n⌋ samples get r = t (the official code's data_proportion; the batch order is random)."""
+    draws = torch.sigmoid(torch.randn(2, n, device=device) * p_std + p_mean)  # (2, n)
+    t, r = draws.max(dim=0).values, draws.min(dim=0).values
+    same = torch.arange(n, device=device) < int(r_equals_t * n)
+    return t, torch.where(same, t, r)
+
+
+def meanflow_target(u_fn, z, r, t, v):
+    """u_tgt = v − clip(t − r, 0, 1)·du/dt, under stop-gradient (MeanFlow Eq. 10).
+
+    du/dt = v·∂_z u + ∂_t u is one Jacobian-vector product of u_fn(z, r, t) at (z, r, t) with tangents (v, 0, 1).
+    Fused attention kernels lack forward-mode derivatives, so the product runs with the math kernel.
+    z, v: (N, C, H, W); r, t: (N,). Returns (u, u_tgt), both detached.
+    """
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
+        u, du_dt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    h = (t - r).clamp(0, 1)[:, None, None, None]  # (N,) → (N, 1, 1, 1)
+    return u.detach(), (v - h * du_dt).detach()
+
+
+def meanflow_loss(u_pred, u_target, c=MEANFLOW_NORM_EPS, p=1.0):
+    """MeanFlow's adaptively weighted loss, per sample (N,): w·ℓ with ℓ = Σ_{C,H,W} (u − u_tgt)² and
+    w = sg(1 / (ℓ + c)^p), p = 1 (the paper's Sec. 4.3; c = 1e-2 as the official code, see MEANFLOW_NORM_EPS)."""
+    l2 = (u_pred.float() - u_target.float()).pow(2).sum(dim=(1, 2, 3))  # (N,)
+    return l2 / (l2.detach() + c) ** p

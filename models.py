@@ -221,6 +221,7 @@ class SiT(nn.Module):
                                   # uses 5 for B and 8 for L and XL (its Table A1), REPA 4 for B, 8 for XL
         projector_dim=2048,       # REPA: hidden width of the projector MLP
         sra_depth=None,           # SRA: the student block (1-indexed) whose output goes through the SRA head
+        meanflow=False,           # MeanFlow: a second time embedder for h = t − r; forward then takes r
     ):
         super().__init__()
         if input_size % patch_size:
@@ -243,6 +244,7 @@ class SiT(nn.Module):
         self.long_residual = long_residual
         self.encoder_depth = encoder_depth
         self.sra_depth = sra_depth
+        self.meanflow = meanflow
 
         if long_residual:
             # Built first, as in the authors' release, so that a given seed draws the release's initial weights
@@ -251,6 +253,8 @@ class SiT(nn.Module):
             self.skip_norms = nn.ModuleList([LayerNorm32(2 * hidden_size, eps=1e-6) for _ in range(depth // 2)])
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        if meanflow:  # MeanFlow's design: c = emb_t(t) + emb_h(t − r) + emb_y(y)
+            self.h_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # A frozen parameter, not a buffer, so that the key is in the official state dicts.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
@@ -277,8 +281,9 @@ class SiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
 
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for embedder in (self.t_embedder, self.h_embedder) if self.meanflow else (self.t_embedder,):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
 
         # adaLN-Zero: every block starts as the identity and the network outputs exactly 0.
         for block in self.blocks:
@@ -296,7 +301,7 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)          # (N, C, H/p, p, W/p, p)
         return x.reshape(x.shape[0], c, h * p, h * p)  # (N, C, H, W)
 
-    def forward(self, x, t, y, return_features=False):
+    def forward(self, x, t, y, return_features=False, r=None, drop_labels=True):
         """Velocity v(x_t, t | y) in this project's time convention.
 
         x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) class labels, `num_classes` = null.
@@ -307,15 +312,24 @@ class SiT(nn.Module):
 
         With `sit_time`, the weights expect SiT's convention (t = 1 data, v = x − ε), and this returns
         v(x, t) = −v_sit(x, 1 − t), the same velocity field in this project's convention.
+
+        MeanFlow models (`meanflow=True`) predict the average velocity u(x, r, t) from r to t and need r: (N,).
+        `drop_labels=False` skips label dropout, for callers that dropped labels themselves (MeanFlow's loss runs
+        the network twice on the same labels).
         """
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"expected input of shape (N, {self.in_channels}, {self.input_size}, "
                              f"{self.input_size}), got {tuple(x.shape)}")
         if self.sit_time:
             t = 1 - t
-        y = self.y_embedder.drop(y)  # label dropout for classifier-free guidance, in training only
+        if (r is not None) != self.meanflow:
+            raise ValueError("a MeanFlow model takes r, and only a MeanFlow model does")
+        if drop_labels:
+            y = self.y_embedder.drop(y)  # label dropout for classifier-free guidance, in training only
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        if self.meanflow:
+            c = c + self.h_embedder(t - r)
 
         half = self.depth // 2
         skips, blocks, repa = [], [], []
@@ -447,4 +461,5 @@ def config_from_state_dict(state_dict):
                          f"or {2 * C} with learn_sigma)")
     return f"SiT-{size}/{p}", dict(
         input_size=grid * p, in_channels=C, num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
-        learn_sigma=out_channels == 2 * C, long_residual="skip_linears.0.linear.weight" in state_dict)
+        learn_sigma=out_channels == 2 * C, long_residual="skip_linears.0.linear.weight" in state_dict,
+        meanflow="h_embedder.mlp.0.weight" in state_dict)

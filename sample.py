@@ -27,8 +27,9 @@ from runtime import barrier, close_distributed, git_commit, init_distributed
 from models import TRAINING_HEADS, build_model, config_from_state_dict
 from vae import LATENT_CHANNELS, decode_latents, file_sha256, load_vae, vae_weights_path
 
-SAMPLERS = ("euler", "heun", "sde")
-DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250}  # REPA's ODE default; the papers' SDE FID setting
+SAMPLERS = ("euler", "heun", "sde", "meanflow")
+DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250, "meanflow": 1}  # REPA's ODE default; the papers' SDE FID
+                                                                       # setting; MeanFlow's one step
 SDE_LAST_TIME = 0.04  # REPA: Euler–Maruyama down to t = 0.04, then one deterministic step to 0
 GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (ImageNet classes)
 
@@ -113,6 +114,19 @@ def euler_maruyama_sampler(model, z, y, num_steps=250, cfg_scale=1.0, interval=(
     return x.float()
 
 
+@torch.no_grad()
+def meanflow_sampler(model, z, y, num_steps=1):
+    """MeanFlow's sampler: z_r = z_t − (t − r)·u(z_t, r, t | y) on a uniform grid from t = 1 to 0; with one step,
+    z_0 = z_1 − u(z_1, 0, 1). No guidance: MeanFlow trains it into u."""
+    t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    x = z.double()
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        t = torch.full((len(x),), float(t_cur), device=x.device)
+        r = torch.full((len(x),), float(t_next), device=x.device)
+        x = x - (t_cur - t_next) * model(x.float(), t, y, r=r).double()
+    return x.float()
+
+
 def model_evaluations(sampler, num_steps):
     """Network evaluations per sample (each is two batched forwards where guidance applies)."""
     return 2 * num_steps - 1 if sampler == "heun" else num_steps
@@ -155,6 +169,8 @@ def generate(model, vae, indices, *, seed, sampler="euler", num_steps=50, cfg_sc
         if sampler == "sde":
             x = euler_maruyama_sampler(model, z, y, num_steps, cfg_scale, interval,
                                        noise=lambda like: rand.normal(like.shape[1:]).to(like.device))
+        elif sampler == "meanflow":
+            x = meanflow_sampler(model, z, y, num_steps)
         else:
             x = euler_sampler(model, z, y, num_steps, cfg_scale, interval, heun=sampler == "heun")
     if vae is not None:
@@ -299,7 +315,8 @@ def settings_record(args, description, labels):
         "sampler": args.sampler, "num_steps": args.num_steps,
         "model_evaluations": model_evaluations(args.sampler, args.num_steps),
         "cfg_scale": args.cfg_scale, "guidance_interval": [args.guidance_low, args.guidance_high],
-        "precision": args.precision, "tf32": args.tf32, "seed": args.seed, "per_proc_batch_size": args.per_proc_batch_size,
+        "precision": args.precision, "tf32": args.tf32, "seed": args.seed,
+        "per_proc_batch_size": args.per_proc_batch_size,
         "num_samples": args.num_fid_samples, "labels": labels,
         "vae": args.vae if latent else None, "vae_sha256": file_sha256(vae_weights_path(args.vae)) if latent else None,
         "uint8": "clamp(127.5·x + 128, 0, 255) rounded down",
@@ -349,6 +366,11 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     rank, world_size, device = init_distributed()
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
+    if description["meanflow"] != (args.sampler == "meanflow"):
+        raise ValueError(f"{args.ckpt} holds a {'MeanFlow' if description['meanflow'] else 'flow-matching'} model: "
+                         f"use --sampler {'meanflow' if description['meanflow'] else 'euler, heun or sde'}")
+    if args.sampler == "meanflow" and args.cfg_scale != 1.0:
+        raise ValueError("MeanFlow trains guidance into the network: sample it with --cfg-scale 1")
     if args.sampler == "sde" and description["path_type"] != "linear":
         raise ValueError(f"the SDE sampler's score assumes the linear path; {args.ckpt} was trained on the "
                          f"{description['path_type']} path: use --sampler euler or heun")
@@ -367,7 +389,8 @@ def sample_grid(model, vae, args, description, stem, rank):
     """A PNG grid: one row per class, `images_per_class` columns (rank 0 only)."""
     if rank != 0:
         return
-    classes = args.class_labels or (GRID_CLASSES if model.num_classes == 1000 else list(range(min(8, model.num_classes))))
+    default = GRID_CLASSES if model.num_classes == 1000 else list(range(min(8, model.num_classes)))
+    classes = args.class_labels or default
     if not all(0 <= c < model.num_classes for c in classes):
         raise ValueError(f"--class-labels must lie in 0..{model.num_classes - 1}, got {classes}")
     labels = torch.tensor([c for c in classes for _ in range(args.images_per_class)])
@@ -414,11 +437,14 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a training checkpoint, SiT-XL-2-256.pt, or REPA's last.pt")
-    parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a training checkpoint")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
+                        help="which weights of a training checkpoint")
     parser.add_argument("--model", default=None, help="expected model (e.g. SiT-XL/2); read from the weights anyway")
     parser.add_argument("--sampler", choices=SAMPLERS, default="euler",
-                        help="euler / heun (ODE) or sde (Euler–Maruyama, the papers' FID sampler)")
-    parser.add_argument("--num-steps", type=int, default=None, help="default: 50 for euler / heun, 250 for sde")
+                        help="euler / heun (ODE), sde (Euler–Maruyama, the papers' FID sampler), or meanflow "
+                             "(for MeanFlow models)")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="default: 50 for euler / heun, 250 for sde, 1 for meanflow")
     parser.add_argument("--cfg-scale", type=float, default=1.0,  # the paper's Tables 1, 4, 6–9 use no guidance
                         help="1 = no guidance")
     parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only where low ≤ t ≤ high (REPA)")

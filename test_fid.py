@@ -271,7 +271,8 @@ def test_the_command_reports_every_metric_and_saved_or_carried_statistics_are_us
     saved = dict(np.load(tmp_path / "ref-stats.npz"))
     delta = np.linspace(-1, 1, 2048)
     np.savez(tmp_path / "moved.npz", **{**saved, "mu": saved["mu"] + delta})
-    fid.main(fid_args(tmp_path / "moved.npz", tmp_path / "samples.npz", inception=inception[1], out=tmp_path / "b.json"))
+    fid.main(fid_args(tmp_path / "moved.npz", tmp_path / "samples.npz", inception=inception[1],
+                      out=tmp_path / "b.json"))
     moved = json.loads((tmp_path / "b.json").read_text())
     gap = samples.pool.mean(axis=0) - saved["mu"]
     assert moved["fid"] == pytest.approx(results["fid"] + delta @ delta - 2 * delta @ gap, rel=1e-5)

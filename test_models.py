@@ -114,13 +114,14 @@ def test_the_official_layouts_are_recognised_from_their_shapes():
     for prefix, learn_sigma in [("SiT-XL/2 (willisma/SiT", True), ("SiT-XL/2 (sihyun-yu/REPA", False)]:
         state_dict = {key: torch.empty(shape, device="meta") for key, shape in official(prefix).items()}
         assert config_from_state_dict(state_dict) == ("SiT-XL/2", dict(
-            input_size=32, in_channels=4, num_classes=1000, learn_sigma=learn_sigma, long_residual=False))
+            input_size=32, in_channels=4, num_classes=1000, learn_sigma=learn_sigma, long_residual=False,
+            meanflow=False))
 
 
 @pytest.mark.parametrize("name", ["SiT-S/4", "SiT-B/8", "SiT-L/2", "SiT-Tiny/4"])
 def test_config_from_state_dict_rebuilds_the_same_network(name):
     config = dict(input_size=16, in_channels=3, num_classes=7, learn_sigma=name.endswith("/8"),
-                  long_residual=name.startswith("SiT-L"))
+                  long_residual=name.startswith("SiT-L"), meanflow=name.startswith("SiT-S"))
     with torch.device("meta"):
         model = build_model(name, z_dims=[32], encoder_depth=2, sra_depth=3, **config)
     assert config_from_state_dict(model.state_dict()) == (name, config)  # the training heads are left out

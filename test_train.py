@@ -192,7 +192,8 @@ def test_dinov2_target_preprocesses_as_repa():
     fake = FakeDINOv2()
     images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
     DINOv2Target(fake, 256)(images)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     expected = F.interpolate((images / 255 - mean) / std, size=224, mode="bicubic")
     torch.testing.assert_close(fake.seen, expected)
     assert DINOv2Target(fake, 512).input_size == 448

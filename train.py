@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from data import PreparedDataset, ShapesDataset
 from losses import (adaptive_weight, dispersive_loss, diversity_loss, diversity_pairs, flow_matching_loss,
-                    interpolate, repa_loss, sample_time, sra_loss, sra_teacher_time)
+                    interpolate, meanflow_loss, meanflow_target, repa_loss, sample_meanflow_times, sample_time,
+                    sra_loss, sra_teacher_time)
 from models import SIT_SIZES, SiT_models, build_model
 from runtime import barrier, close_distributed, git_commit, init_distributed
 from sample import GRID_CLASSES, generate, save_grid
@@ -52,7 +53,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "num_samples", "global_batch_size",
                      "global_seed", "long_residual", "diversity_loss", "repa", "encoder_depth", "projector_dim",
                      "disp", "disp_block", "sra", "sra_student_block", "sra_teacher_block", "path_type", "weighting",
-                     "learn_sigma", "class_dropout_prob", "ckpt_every")
+                     "learn_sigma", "class_dropout_prob", "ckpt_every", "meanflow", "mf_omega", "mf_kappa",
+                     "mf_t_start", "mf_t_end")
 TERMS = ("fm", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disp", "sra")  # what training_losses returns
 LOGGED = ("loss", *TERMS, "grad_norm")  # every --log-every steps, averaged over steps and processes
 
@@ -180,22 +182,58 @@ def needs_features(args):
     return args.diversity_loss or args.repa or args.disp or args.sra
 
 
-def training_losses(model, teacher, encoder, x, y, images, args, pairs):
-    """Every loss term of the step (TERMS) as a float32 scalar, absent terms 0: one forward of the model, plus
-    the frozen REPA encoder and the EMA teacher (SRA) under no_grad.
+def meanflow_velocity(raw_model, z_t, t, y, v, args):
+    """MeanFlow's guided target velocity (official code, guidance in training): inside [t_start, t_end] and for
+    samples that kept their label, ṽ = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅); elsewhere v."""
+    if args.mf_omega == 1.0 and args.mf_kappa == 0.0:
+        return v
+    null = torch.full_like(y, raw_model.num_classes)
+    with torch.no_grad():  # one batched forward of the instantaneous velocity (r = t), conditional and not
+        u_cond, u_uncond = raw_model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null]),
+                                     r=torch.cat([t, t]), drop_labels=False).float().chunk(2)
+    guided = args.mf_omega * v + args.mf_kappa * u_cond + (1 - args.mf_omega - args.mf_kappa) * u_uncond
+    inside = (t >= args.mf_t_start) & (t <= args.mf_t_end) & (y != raw_model.num_classes)  # (N,)
+    return torch.where(inside[:, None, None, None], guided, v)
+
+
+def meanflow_prediction(model, raw_model, x, eps, y, args):
+    """(u_θ(z_t, r, t), u_tgt, features or None) for MeanFlow: the target from a JVP of the network without
+    gradients (`losses.meanflow_target`), the prediction and the block features from the one forward that
+    carries gradients."""
+    t, r = sample_meanflow_times(len(x), device=x.device)
+    z_t, v = interpolate(x, eps, t)
+    y = raw_model.y_embedder.drop(y)  # once, so that the JVP and the forward see the same labels
+    v = meanflow_velocity(raw_model, z_t, t, y, v, args)
+    with torch.autocast(x.device.type, enabled=False):  # the JVP in float32
+        _, u_target = meanflow_target(lambda z, r, t: raw_model(z, t, y, r=r, drop_labels=False), z_t, r, t, v)
+    if not needs_features(args):
+        return model(z_t, t, y, r=r, drop_labels=False), u_target, None
+    u_pred, feats = model(z_t, t, y, r=r, drop_labels=False, return_features=True)
+    return u_pred, u_target, feats
+
+
+def training_losses(model, raw_model, teacher, encoder, x, y, images, args, pairs):
+    """Every loss term of the step (TERMS) as a float32 scalar, absent terms 0: one forward of the model that
+    carries gradients, plus, without them, the frozen REPA encoder, the EMA teacher (SRA) and MeanFlow's JVP.
 
     x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8 for REPA, or None.
+    `model` may be DDP-wrapped or compiled; `raw_model` is the bare network, for the passes without gradients.
     """
     terms = dict.fromkeys(TERMS, x.new_zeros(()))
-    t = sample_time(len(x), args.weighting, args.path_type, device=x.device)  # (N,)
     eps = torch.randn_like(x)
-    x_t, v = interpolate(x, eps, t, args.path_type)
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    with autocast:
-        if not needs_features(args):
-            v_pred = model(x_t, t, y)
-        else:
-            v_pred, feats = model(x_t, t, y, return_features=True)
+    if args.meanflow:
+        with autocast:
+            u_pred, u_target, feats = meanflow_prediction(model, raw_model, x, eps, y, args)
+        terms["fm"] = meanflow_loss(u_pred, u_target).mean()
+    else:
+        t = sample_time(len(x), args.weighting, args.path_type, device=x.device)  # (N,)
+        x_t, v = interpolate(x, eps, t, args.path_type)
+        with autocast:
+            if needs_features(args):
+                v_pred, feats = model(x_t, t, y, return_features=True)
+            else:
+                v_pred = model(x_t, t, y)
             if args.repa:
                 with torch.no_grad():
                     targets = encoder(images)  # (N, T, Z)
@@ -207,7 +245,7 @@ def training_losses(model, teacher, encoder, x, y, images, args, pairs):
                                                feats.labels, return_features=True)
                 teacher_block = teacher_feats.blocks[args.sra_teacher_block - 1]
                 terms["sra"] = sra_loss(feats.sra, teacher_block, args.sra_beta).mean()
-    terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
+        terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
     if args.diversity_loss:
         div = diversity_loss(feats.blocks, pairs)
         terms.update(div=div.total, div_orth=div.orthogonality, div_mi=div.mutual_information,
@@ -278,7 +316,7 @@ def check_resumable(saved, args):
 def new_run_dir(results_dir, args):
     """results/NNN-<model>-<switches>, NNN one more than the runs already there (DiT / SiT layout)."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    switches = [name for name, on in [("repa", args.repa), ("longres", args.long_residual),
+    switches = [name for name, on in [("meanflow", args.meanflow), ("repa", args.repa), ("longres", args.long_residual),
                                       ("div", args.diversity_loss), ("disp", args.disp), ("sra", args.sra)] if on]
     if args.long_residual and args.diversity_loss:
         switches = ["diverse" if s == "longres" else s for s in switches if s != "div"]
@@ -372,6 +410,10 @@ def resolve_args(args):
                         ("--sra-teacher-block", args.sra_teacher_block), ("--encoder-depth", args.encoder_depth)]:
         if block is not None and not 1 <= block <= depth:
             raise ValueError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
+    if args.meanflow and (args.repa or args.disp or args.sra or args.learn_sigma or args.path_type != "linear"):
+        raise ValueError("--meanflow combines with --diverse (as in the paper), not with --repa, --disp, --sra, "
+                         "--learn-sigma or another path")
+    args.beta2 = args.beta2 if args.beta2 is not None else (0.95 if args.meanflow else 0.999)
     if args.keep_last < 1:
         raise ValueError("--keep-last must be at least 1: the newest checkpoint is what --resume continues from")
     for flag in ("log_every", "save_every", "ckpt_every", "max_steps", "global_batch_size"):
@@ -429,7 +471,7 @@ def main(args):
                         class_dropout_prob=args.class_dropout_prob, learn_sigma=args.learn_sigma,
                         long_residual=args.long_residual, z_dims=[encoder.embed_dim] if args.repa else [],
                         encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
-                        sra_depth=args.sra_student_block).to(device)
+                        sra_depth=args.sra_student_block, meanflow=args.meanflow).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
@@ -490,8 +532,10 @@ def main(args):
         if rank == 0:
             classes = GRID_CLASSES if dataset.num_classes == 1000 else list(range(min(8, dataset.num_classes)))
             labels = torch.tensor([c for c in classes for _ in range(4)])
-            images = generate(ema, vae, list(range(len(labels))), seed=args.global_seed, num_steps=50,
-                              cfg_scale=args.sample_cfg_scale, bf16=args.precision == "bf16", labels=labels)
+            settings = (dict(sampler="meanflow", num_steps=1) if args.meanflow  # guidance is trained in
+                        else dict(num_steps=50, cfg_scale=args.sample_cfg_scale))
+            images = generate(ema, vae, list(range(len(labels))), seed=args.global_seed, bf16=args.precision == "bf16",
+                              labels=labels, **settings)
             (run_dir / "samples").mkdir(exist_ok=True)
             save_grid(images, 4, run_dir / "samples" / f"{step:07d}.png")
             logger.info(f"saved {run_dir / 'samples' / f'{step:07d}.png'}")
@@ -523,7 +567,7 @@ def main(args):
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             images = batch[2].to(device, non_blocking=True) if args.repa else None
             x = sample_latents(x) if dataset.latent else x  # a fresh posterior sample every step (REPA)
-            terms = training_losses(train_model, teacher, encoder, x, y, images, args, pairs)
+            terms = training_losses(train_model, model, teacher, encoder, x, y, images, args, pairs)
             loss = total_loss(terms, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -604,6 +648,11 @@ def parse_args(argv=None):
     p.add_argument("--sra-student-block", type=int, default=None, help="default: 4 for B, 8 for XL (SRA)")
     p.add_argument("--sra-teacher-block", type=int, default=None, help="default: 8 for B, 20 for XL (SRA)")
     p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG (DiT, SiT, REPA)")
+    p.add_argument("--meanflow", action="store_true", help="MeanFlow's objective (one-step generation)")
+    p.add_argument("--mf-omega", type=float, default=1.0, help="MeanFlow guidance ω in training (official B/2: 1)")
+    p.add_argument("--mf-kappa", type=float, default=0.5, help="MeanFlow guidance κ in training (official B/2: 0.5)")
+    p.add_argument("--mf-t-start", type=float, default=0.0, help="MeanFlow: guide the target where t ≥ this")
+    p.add_argument("--mf-t-end", type=float, default=1.0, help="MeanFlow: and t ≤ this (official B/2: [0, 1])")
     p.add_argument("--learn-sigma", action="store_true", help="SiT's 2·C outputs (only for SiT-compatible weights)")
     p.add_argument("--path-type", choices=["linear", "cosine"], default="linear", help="interpolant (REPA: linear)")
     p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t sampling (REPA)")
@@ -612,7 +661,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, default=256, help="split over the processes (the paper)")
     p.add_argument("--lr", type=float, default=1e-4, help="constant (the paper, REPA)")
     p.add_argument("--beta1", type=float, default=0.9, help="(the paper)")
-    p.add_argument("--beta2", type=float, default=0.999, help="(the paper)")
+    p.add_argument("--beta2", type=float, default=None, help="default 0.999 (the paper), 0.95 with --meanflow "
+                                                               "(MeanFlow's official code)")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="(REPA)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="(the paper: without decay)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (REPA)")
