@@ -1,0 +1,250 @@
+"""Block-similarity heatmaps, the paper's lens on representation diversity (Sec. 2, Appendices C and E).
+
+    python analysis.py --ckpt results/000-SiT-B-2/checkpoints/0050000.pt --ckpt …/0400000.pt
+
+For each checkpoint, the outputs of all L blocks are taken on one batch whose labels and noise are fixed by
+--seed (the same for every checkpoint), at the last step of a 50-step Euler trajectory (the paper's choice) or,
+with --data-path and --t, on noised data at fixed times. Their L×L similarity is drawn as a PNG heatmap per
+checkpoint and metric (several checkpoints side by side), and written to JSON with the mean off-diagonal
+similarity and the diversity loss's three terms on the same features.
+
+Metrics: CKA with an RBF kernel (the paper's; bandwidth by the median heuristic, which the paper does not give),
+linear CKA, and the mean |per-token cosine| between blocks that the diversity loss's L_MI uses. For CKA, each
+sample's block output (T, D) is flattened into one vector, so the kernels are N×N over the batch.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from data import PreparedDataset, ShapesDataset
+from losses import diversity_loss, diversity_pairs, interpolate
+from sample import SampleRandomness, load_sampling_model, velocity
+from train import BUILTIN_DATA
+from vae import sample_latents
+
+METRICS = ("cka_rbf", "cka_linear", "cosine")
+TRAJECTORY_STEPS = 50  # features at the last step of a 50-step Euler trajectory
+# A perceptually ordered colour map (viridis at five stops), interpolated linearly in between.
+COLOURS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+#################################################################################
+#                                   Similarities                                #
+#################################################################################
+
+def centre(K):
+    """H K H with H = I − 11ᵀ/n: the kernel matrix of centred features."""
+    return K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()
+
+
+def hsic(K, L):
+    """HSIC(K, L) = Tr(K H L H) / (n − 1)² (Gretton et al. 2005), K and L (n, n)."""
+    n = K.shape[0]
+    return (centre(K) * L).sum() / (n - 1) ** 2
+
+
+def rbf_kernel(X):
+    """exp(−‖x_i − x_j‖² / (2σ²)) with σ² the median squared distance between distinct samples (median heuristic,
+    as Kornblith et al.'s CKA code with threshold 1). X: (n, d)."""
+    sq = torch.cdist(X, X).pow(2)                                           # (n, n)
+    sigma2 = sq[~torch.eye(len(X), dtype=torch.bool, device=X.device)].median()
+    return torch.exp(-sq / (2 * sigma2))
+
+
+def cka(X, Y, kernel="rbf"):
+    """CKA(X, Y) = HSIC(K, L) / √(HSIC(K, K)·HSIC(L, L)) (Kornblith et al. 2019). X: (n, d₁), Y: (n, d₂)."""
+    X, Y = X.double(), Y.double()
+    K, L = (rbf_kernel(X), rbf_kernel(Y)) if kernel == "rbf" else (X @ X.T, Y @ Y.T)
+    return (hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L))).item()
+
+
+def mean_abs_token_cosine(a, b):
+    """mean over (n, t) of |cos(a[n, t], b[n, t])|: the per-token similarity L_MI penalises. a, b: (N, T, D)."""
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).abs().mean().item()
+
+
+def similarity_matrix(blocks, metric):
+    """(L, L) similarities between all block outputs, each (N, T, D)."""
+    L = len(blocks)
+    matrix = np.eye(L)
+    for i in range(L):
+        for j in range(i + 1, L):
+            if metric == "cosine":
+                value = mean_abs_token_cosine(blocks[i], blocks[j])
+            else:
+                value = cka(blocks[i].flatten(1), blocks[j].flatten(1), "rbf" if metric == "cka_rbf" else "linear")
+            matrix[i, j] = matrix[j, i] = value
+    return matrix
+
+
+def mean_off_diagonal(matrix):
+    return float(matrix[~np.eye(len(matrix), dtype=bool)].mean())
+
+
+#################################################################################
+#                                 Block features                                #
+#################################################################################
+
+@torch.no_grad()
+def trajectory_features(model, z, y, num_steps=TRAJECTORY_STEPS):
+    """Block outputs at the last step of an unguided Euler trajectory from t = 1 (z) to 0 (sample.euler_sampler's
+    grid): the state after num_steps − 1 steps, at t = 1/num_steps."""
+    t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    x = z.double()
+    for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
+        x = x + (t_next - t_cur) * velocity(model, x, t_cur, y, 1.0)
+    t_last = torch.full((len(x),), float(t_steps[-2]), device=x.device)
+    return model(x.float(), t_last, y, return_features=True)[1].blocks
+
+
+@torch.no_grad()
+def noised_data_features(model, x0, eps, y, t):
+    """Block outputs on x_t = (1 − t)·x₀ + t·ε at one fixed time t for the whole batch."""
+    t_batch = torch.full((len(x0),), t, device=x0.device)
+    return model(interpolate(x0, eps, t_batch)[0], t_batch, y, return_features=True)[1].blocks
+
+
+def fixed_inputs(model, args, device):
+    """(labels, noise, clean data or None), drawn from --seed: the same for every checkpoint of one shape."""
+    rand = SampleRandomness(args.seed, range(args.num_samples))
+    y = rand.labels(model.num_classes)
+    eps = rand.normal((model.in_channels, model.input_size, model.input_size)).float()
+    x0 = None
+    if args.data_path:
+        dataset = (ShapesDataset(image_size=model.input_size) if args.data_path == BUILTIN_DATA
+                   else PreparedDataset(args.data_path))
+        generator = torch.Generator().manual_seed(args.seed)
+        indices = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
+        items = [dataset[i] for i in indices]
+        x0 = torch.stack([item[0] for item in items])
+        y = torch.tensor([item[1] for item in items])
+        if dataset.latent:
+            torch.manual_seed(args.seed)
+            x0 = sample_latents(x0)
+        x0 = x0.to(device)
+    return y.to(device), eps.to(device), x0
+
+
+#################################################################################
+#                                    Heatmaps                                   #
+#################################################################################
+
+def colour(values, low, high):
+    """Values → RGB uint8 through COLOURS, scaled from [low, high]."""
+    position = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(COLOURS) - 1)
+    i = np.minimum(position.astype(int), len(COLOURS) - 2)
+    frac = (position - i)[..., None]
+    return np.round(COLOURS[i] * (1 - frac) + COLOURS[i + 1] * frac).astype(np.uint8)
+
+
+def heatmap(matrix, title, low, high, cell=16):
+    """One PIL image: the matrix (block 0 at the top left), block indices, a colour bar and a title."""
+    L = len(matrix)
+    font = ImageFont.load_default()
+    margin, bar = 28, 14
+    size = L * cell
+    image = Image.new("RGB", (margin + size + 12 + bar + 40, margin + size + 24), "white")
+    cells = colour(matrix, low, high).repeat(cell, axis=0).repeat(cell, axis=1)  # (size, size, 3)
+    image.paste(Image.fromarray(cells), (margin, margin))
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 4), title, fill="black", font=font)
+    every = max(1, L // 8)
+    for k in range(0, L, every):
+        draw.text((margin + k * cell + 2, margin + size + 4), str(k), fill="black", font=font)
+        draw.text((4, margin + k * cell + 2), str(k), fill="black", font=font)
+    ramp = colour(np.linspace(high, low, size)[:, None].repeat(bar, axis=1), low, high)
+    x_bar = margin + size + 12
+    image.paste(Image.fromarray(ramp), (x_bar, margin))
+    draw.text((x_bar + bar + 3, margin - 2), f"{high:.2f}", fill="black", font=font)
+    draw.text((x_bar + bar + 3, margin + size - 10), f"{low:.2f}", fill="black", font=font)
+    return image
+
+
+def side_by_side(images):
+    width, height = sum(i.width for i in images), max(i.height for i in images)
+    canvas = Image.new("RGB", (width, height), "white")
+    x = 0
+    for image in images:
+        canvas.paste(image, (x, 0))
+        x += image.width
+    return canvas
+
+
+#################################################################################
+#                                       Main                                    #
+#################################################################################
+
+def analyse(ckpt_path, args, device):
+    """{metric: (L, L) matrix, …, "diversity": its three terms, "step": the checkpoint's step or None}."""
+    model, description = load_sampling_model(ckpt_path)
+    model.to(device)
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    step = saved.get("steps") if isinstance(saved, dict) else None
+    encoder_depth = saved["args"].get("encoder_depth") if isinstance(saved.get("args"), dict) else None
+    y, eps, x0 = fixed_inputs(model, args, device)
+    features = {"trajectory": trajectory_features(model, eps, y)} if x0 is None else {
+        f"t={t:g}": noised_data_features(model, x0, eps, y, t) for t in args.t}
+    result = {"step": step, "model": description["model"], "features": {}}
+    for where, blocks in features.items():
+        div = diversity_loss(blocks, diversity_pairs(model.depth, encoder_depth))
+        entry = {metric: similarity_matrix(blocks, metric) for metric in args.metrics}
+        entry["mean_off_diagonal"] = {metric: mean_off_diagonal(entry[metric]) for metric in args.metrics}
+        entry["diversity"] = {"total": div.total.item(), "orthogonality": div.orthogonality.item(),
+                              "mutual_information": div.mutual_information.item(),
+                              "dispersion": div.dispersion.item()}
+        result["features"][where] = entry
+    return result
+
+
+def run_label(path):
+    """results/NNN-…/checkpoints/0000600.pt → "NNN-…" (the run); any other file → its name."""
+    path = Path(path)
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.t and not args.data_path:
+        raise ValueError("--t takes features on noised data: give --data-path too")
+    args.t = args.t or [0.5]
+    results = {str(path): analyse(path, args, device) for path in args.ckpt}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    where_list = next(iter(results.values()))["features"].keys()
+    for where in where_list:
+        for metric in args.metrics:
+            matrices = [r["features"][where][metric] for r in results.values()]
+            low = min(float(m[~np.eye(len(m), dtype=bool)].min()) for m in matrices)
+            images = [heatmap(m, f"{run_label(path)}, step {r['step']}", low, 1.0)
+                      for m, (path, r) in zip(matrices, results.items())]
+            name = f"{metric}-{where.replace('=', '')}.png"
+            side_by_side(images).save(out / name)
+            print(f"saved {out / name}")
+    serialisable = {path: {**r, "features": {w: {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                                                  for k, v in e.items()} for w, e in r["features"].items()}}
+                    for path, r in results.items()}
+    (out / "similarity.json").write_text(json.dumps(serialisable, indent=1) + "\n")
+    for path, r in results.items():
+        for where, entry in r["features"].items():
+            summary = ", ".join(f"{m} {v:.3f}" for m, v in entry["mean_off_diagonal"].items())
+            print(f"{path} (step {r['step']}, {where}): mean off-diagonal {summary}; "
+                  f"L_div {entry['diversity']['total']:.4f}")
+    print(f"saved {out / 'similarity.json'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", required=True, help="a checkpoint; repeat to compare several")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
+    parser.add_argument("--num-samples", type=int, default=64, help="batch the similarities are measured on")
+    parser.add_argument("--seed", type=int, default=0, help="labels and noise (identical for every checkpoint)")
+    parser.add_argument("--data-path", default=None,
+                        help=f"take features on noised data from this prepared folder (or {BUILTIN_DATA}) instead")
+    parser.add_argument("--t", type=float, nargs="+", default=None, help="times for --data-path (default 0.5)")
+    parser.add_argument("--out", default="analysis", help="folder for the PNGs and similarity.json")
+    parser.add_argument("--device", default=None)
+    main(parser.parse_args())

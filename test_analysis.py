@@ -1,0 +1,84 @@
+"""CPU checks of analysis.py: CKA's invariances and a hand-computed case, the similarity matrix, the heatmaps."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import analysis
+from analysis import cka, mean_abs_token_cosine, similarity_matrix
+from models import build_model
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+def test_cka_of_a_representation_with_itself_is_one_and_invariant_to_rotation_and_scale(kernel):
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(20, 6, generator=g), torch.randn(20, 4, generator=g)
+    assert cka(X, X, kernel) == pytest.approx(1.0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))  # an orthogonal matrix
+    base = cka(X, Y, kernel)
+    assert 0 < base < 1
+    assert cka(X @ Q, Y, kernel) == pytest.approx(base, rel=1e-6)
+    assert cka(3.5 * X, Y, kernel) == pytest.approx(base, rel=1e-6)
+
+
+def test_linear_cka_of_a_hand_computed_pair():
+    # centred 1-d features x = (1, 0, −1), y = (1, −1, 0): CKA = (xᵀy)² / (‖x‖²‖y‖²) = 1 / (2·2)
+    X, Y = torch.tensor([[1.0], [0.0], [-1.0]]), torch.tensor([[1.0], [-1.0], [0.0]])
+    assert cka(X, Y, "linear") == pytest.approx(0.25)
+
+
+def test_token_cosine_is_one_for_equal_blocks_and_zero_for_orthogonal_tokens():
+    a = torch.randn(2, 3, 4)
+    assert mean_abs_token_cosine(a, a) == pytest.approx(1.0)
+    assert mean_abs_token_cosine(a, -2 * a) == pytest.approx(1.0)  # |cos|: the sign does not count
+    e1, e2 = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    e1[..., 0], e2[..., 1] = 1.0, 1.0
+    assert mean_abs_token_cosine(e1, e2) == 0.0
+
+
+def test_similarity_matrices_are_symmetric_with_a_unit_diagonal():
+    blocks = [torch.randn(8, 4, 5) for _ in range(3)]
+    for metric in analysis.METRICS:
+        matrix = similarity_matrix(blocks, metric)
+        assert matrix.shape == (3, 3) and np.allclose(matrix, matrix.T) and np.allclose(np.diag(matrix), 1)
+    assert analysis.mean_off_diagonal(np.array([[1.0, 0.2], [0.2, 1.0]])) == pytest.approx(0.2)
+
+
+def test_heatmaps_and_json_for_two_checkpoints(tmp_path):
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model("SiT-Tiny/4", input_size=8, in_channels=3, num_classes=5)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
+                    "steps": 100 * (seed + 1)}, tmp_path / f"{seed}.pt")
+    args = argparse.Namespace(ckpt=[tmp_path / "0.pt", tmp_path / "1.pt"], metrics=["cka_rbf", "cosine"],
+                              num_samples=6, seed=0, data_path=None, t=None, out=tmp_path / "out", device="cpu")
+    analysis.main(args)
+    single = analysis.heatmap(np.eye(8), "x", 0.0, 1.0)
+    assert single.size == (28 + 8 * 16 + 12 + 14 + 40, 28 + 8 * 16 + 24)
+    assert Image.open(tmp_path / "out" / "cka_rbf-trajectory.png").size == (2 * single.width, single.height)
+    results = json.loads((tmp_path / "out" / "similarity.json").read_text())
+    first = results[str(tmp_path / "0.pt")]
+    assert first["step"] == 100 and len(first["features"]["trajectory"]["cosine"]) == 8
+    assert {"orthogonality", "mutual_information", "dispersion"} <= first["features"]["trajectory"]["diversity"].keys()
+    # the same inputs for every checkpoint: analysing one checkpoint twice gives the same numbers
+    again = analysis.analyse(tmp_path / "0.pt", args, torch.device("cpu"))
+    assert again["features"]["trajectory"]["mean_off_diagonal"] == first["features"]["trajectory"]["mean_off_diagonal"]
+
+
+def test_features_on_noised_built_in_data(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("SiT-Tiny/4", input_size=16, in_channels=3, num_classes=10)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
+                "steps": 1}, tmp_path / "a.pt")
+    args = argparse.Namespace(ckpt=[tmp_path / "a.pt"], metrics=["cka_linear"], num_samples=4, seed=0,
+                              data_path="builtin:shapes", t=[0.2, 0.8], out=tmp_path / "out", device="cpu")
+    analysis.main(args)
+    assert (tmp_path / "out" / "cka_linear-t0.2.png").is_file() and (tmp_path / "out" / "cka_linear-t0.8.png").is_file()
+    with pytest.raises(ValueError, match="--data-path"):
+        analysis.main(argparse.Namespace(**{**vars(args), "data_path": None}))
