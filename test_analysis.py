@@ -28,6 +28,9 @@ def test_linear_cka_of_a_hand_computed_pair():
     # centred 1-d features x = (1, 0, −1), y = (1, −1, 0): CKA = (xᵀy)² / (‖x‖²‖y‖²) = 1 / (2·2)
     X, Y = torch.tensor([[1.0], [0.0], [-1.0]]), torch.tensor([[1.0], [-1.0], [0.0]])
     assert cka(X, Y, "linear") == pytest.approx(0.25)
+    # the same two as block outputs (N = 3, T = 1, D = 1): the 2 × 2 matrix is [[1, 1/4], [1/4, 1]]
+    matrix = similarity_matrix([X[:, :, None], Y[:, :, None]], "cka_linear")
+    np.testing.assert_allclose(matrix, [[1.0, 0.25], [0.25, 1.0]])
 
 
 def test_token_cosine_is_one_for_equal_blocks_and_zero_for_orthogonal_tokens():
