@@ -1,6 +1,6 @@
 """Block-similarity heatmaps, the paper's lens on representation diversity (Sec. 2, Appendices C and E).
 
-    python analysis.py --ckpt results/000-SiT-B-2/checkpoints/0050000.pt --ckpt …/0400000.pt
+    python analysis.py --ckpt results/000-SiT-B-2-sit/checkpoints/0050000.pt --ckpt …/0400000.pt
 
 For each checkpoint, the outputs of all L blocks are taken on one batch whose labels and noise are fixed by
 --seed (the same for every checkpoint), at the last step of a 50-step Euler trajectory (the paper's choice) or,
@@ -9,8 +9,10 @@ checkpoint and metric (several checkpoints side by side), and written to JSON wi
 similarity and the diversity loss's three terms on the same features.
 
 Metrics: CKA with an RBF kernel (the paper's; bandwidth by the median heuristic, which the paper does not give),
-linear CKA, and the mean |per-token cosine| between blocks that the diversity loss's L_MI uses. For CKA, each
-sample's block output (T, D) is flattened into one vector, so the kernels are N×N over the batch.
+linear CKA, and the mean |per-token cosine| between blocks (the diversity loss's L_MI penalises the absolute value
+of the mean cosine instead, which cancels opposite signs). For CKA, each sample's block output (T, D) is flattened
+into one vector, so the kernels are N×N over the batch. MeanFlow models are run at r = t, where the average
+velocity is the instantaneous one.
 """
 import argparse
 import json
@@ -22,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data import PreparedDataset, ShapesDataset
 from losses import diversity_loss, diversity_pairs, interpolate
-from sample import SampleRandomness, load_sampling_model, velocity
+from sample import SampleRandomness, load_sampling_model
 from train import BUILTIN_DATA
 from vae import sample_latents
 
@@ -48,11 +50,10 @@ def hsic(K, L):
 
 
 def rbf_kernel(X):
-    """exp(−‖x_i − x_j‖² / (2σ²)) with σ² the median squared distance between distinct samples (median heuristic,
-    as Kornblith et al.'s CKA code with threshold 1). X: (n, d)."""
+    """exp(−‖x_i − x_j‖² / (2σ²)) with σ² the median of all n² squared distances (median heuristic, as Kornblith
+    et al.'s CKA code with threshold 1: the zero diagonal included, the two middle values averaged). X: (n, d)."""
     sq = torch.cdist(X, X).pow(2)                                           # (n, n)
-    sigma2 = sq[~torch.eye(len(X), dtype=torch.bool, device=X.device)].median()
-    return torch.exp(-sq / (2 * sigma2))
+    return torch.exp(-sq / (2 * torch.quantile(sq.flatten(), 0.5)))
 
 
 def cka(X, Y, kernel="rbf"):
@@ -89,6 +90,13 @@ def mean_off_diagonal(matrix):
 #                                 Block features                                #
 #################################################################################
 
+def blocks_at(model, x, t, y):
+    """The block outputs of the network at (x, t) for a batch, t a float; MeanFlow models at r = t."""
+    t_batch = torch.full((len(x),), float(t), device=x.device)
+    r = t_batch if model.meanflow else None
+    return model(x.float(), t_batch, y, return_features=True, r=r)[1].blocks
+
+
 @torch.no_grad()
 def trajectory_features(model, z, y, num_steps=TRAJECTORY_STEPS):
     """Block outputs at the last step of an unguided Euler trajectory from t = 1 (z) to 0 (sample.euler_sampler's
@@ -96,16 +104,17 @@ def trajectory_features(model, z, y, num_steps=TRAJECTORY_STEPS):
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     x = z.double()
     for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
-        x = x + (t_next - t_cur) * velocity(model, x, t_cur, y, 1.0)
-    t_last = torch.full((len(x),), float(t_steps[-2]), device=x.device)
-    return model(x.float(), t_last, y, return_features=True)[1].blocks
+        t_batch = torch.full((len(x),), float(t_cur), device=x.device)
+        v = model(x.float(), t_batch, y, r=t_batch if model.meanflow else None).double()  # u(x, t, t) = v for MeanFlow
+        x = x + (t_next - t_cur) * v
+    return blocks_at(model, x, t_steps[-2], y)
 
 
 @torch.no_grad()
-def noised_data_features(model, x0, eps, y, t):
-    """Block outputs on x_t = (1 − t)·x₀ + t·ε at one fixed time t for the whole batch."""
+def noised_data_features(model, x0, eps, y, t, path_type="linear"):
+    """Block outputs on x_t = α_t·x₀ + σ_t·ε (the checkpoint's path) at one fixed time t for the whole batch."""
     t_batch = torch.full((len(x0),), t, device=x0.device)
-    return model(interpolate(x0, eps, t_batch)[0], t_batch, y, return_features=True)[1].blocks
+    return blocks_at(model, interpolate(x0, eps, t_batch, path_type)[0], t, y)
 
 
 def fixed_inputs(model, args, device):
@@ -118,6 +127,9 @@ def fixed_inputs(model, args, device):
         dataset = (ShapesDataset(image_size=model.input_size) if args.data_path == BUILTIN_DATA
                    else PreparedDataset(args.data_path))
         generator = torch.Generator().manual_seed(args.seed)
+        if args.num_samples > len(dataset):
+            raise ValueError(f"--num-samples {args.num_samples} is more than the {len(dataset)} images of "
+                             f"{args.data_path}")
         indices = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
         items = [dataset[i] for i in indices]
         x0 = torch.stack([item[0] for item in items])
@@ -187,7 +199,7 @@ def analyse(ckpt_path, args, device):
     encoder_depth = saved["args"].get("encoder_depth") if isinstance(saved.get("args"), dict) else None
     y, eps, x0 = fixed_inputs(model, args, device)
     features = {"trajectory": trajectory_features(model, eps, y)} if x0 is None else {
-        f"t={t:g}": noised_data_features(model, x0, eps, y, t) for t in args.t}
+        f"t={t:g}": noised_data_features(model, x0, eps, y, t, description["path_type"]) for t in args.t}
     result = {"step": step, "model": description["model"], "features": {}}
     for where, blocks in features.items():
         div = diversity_loss(blocks, diversity_pairs(model.depth, encoder_depth))
@@ -211,6 +223,10 @@ def main(args):
     if args.t and not args.data_path:
         raise ValueError("--t takes features on noised data: give --data-path too")
     args.t = args.t or [0.5]
+    if not all(0.0 <= t <= 1.0 for t in args.t):
+        raise ValueError(f"--t must lie in [0, 1], got {args.t}")
+    if args.num_samples < 2:
+        raise ValueError("--num-samples must be at least 2: similarities compare samples")
     results = {str(path): analyse(path, args, device) for path in args.ckpt}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +234,7 @@ def main(args):
     for where in where_list:
         for metric in args.metrics:
             matrices = [r["features"][where][metric] for r in results.values()]
-            low = min(float(m[~np.eye(len(m), dtype=bool)].min()) for m in matrices)
+            low = min(min(float(m[~np.eye(len(m), dtype=bool)].min()) for m in matrices), 1.0 - 1e-6)
             images = [heatmap(m, f"{run_label(path)}, step {r['step']}", low, 1.0)
                       for m, (path, r) in zip(matrices, results.items())]
             name = f"{metric}-{where.replace('=', '')}.png"

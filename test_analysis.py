@@ -12,6 +12,11 @@ from analysis import cka, mean_abs_token_cosine, similarity_matrix
 from models import build_model
 
 
+def test_the_rbf_bandwidth_is_the_median_of_all_squared_distances():
+    X = torch.tensor([[0.0], [1.0], [3.0]])  # squared distances 0, 0, 0, 1, 1, 4, 4, 9, 9: median 1
+    torch.testing.assert_close(analysis.rbf_kernel(X)[0, 1], torch.exp(torch.tensor(-0.5)))
+
+
 @pytest.mark.parametrize("kernel", ["rbf", "linear"])
 def test_cka_of_a_representation_with_itself_is_one_and_invariant_to_rotation_and_scale(kernel):
     g = torch.Generator().manual_seed(0)
@@ -85,3 +90,18 @@ def test_features_on_noised_built_in_data(tmp_path):
     assert (tmp_path / "out" / "cka_linear-t0.2.png").is_file() and (tmp_path / "out" / "cka_linear-t0.8.png").is_file()
     with pytest.raises(ValueError, match="--data-path"):
         analysis.main(argparse.Namespace(**{**vars(args), "data_path": None}))
+    with pytest.raises(ValueError, match=r"--t must lie in \[0, 1\]"):
+        analysis.main(argparse.Namespace(**{**vars(args), "t": [1.5]}))
+    with pytest.raises(ValueError, match="more than the 10000 images"):
+        analysis.main(argparse.Namespace(**{**vars(args), "num_samples": 20_000}))
+
+
+def test_meanflow_checkpoints_are_analysed_at_r_equal_t(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("SiT-Tiny/4", input_size=8, in_channels=3, num_classes=5, meanflow=True)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
+                "steps": 3}, tmp_path / "mf.pt")
+    args = argparse.Namespace(ckpt=[tmp_path / "mf.pt"], metrics=["cka_linear"], num_samples=4, seed=0,
+                              data_path=None, t=None, out=tmp_path / "out", device="cpu")
+    result = analysis.analyse(tmp_path / "mf.pt", args, torch.device("cpu"))
+    assert len(result["features"]["trajectory"]["cka_linear"]) == 8

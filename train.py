@@ -413,6 +413,9 @@ def resolve_args(args):
     if args.meanflow and (args.repa or args.disp or args.sra or args.learn_sigma or args.path_type != "linear"):
         raise ValueError("--meanflow combines with --diverse (as in the paper), not with --repa, --disp, --sra, "
                          "--learn-sigma or another path")
+    if args.meanflow and (args.mf_omega != 1.0 or args.mf_kappa != 0.0) and args.class_dropout_prob == 0:
+        raise ValueError("MeanFlow's guidance in training needs the null class: --class-dropout-prob > 0, or "
+                         "--mf-omega 1 --mf-kappa 0")
     args.beta2 = args.beta2 if args.beta2 is not None else (0.95 if args.meanflow else 0.999)
     if args.keep_last < 1:
         raise ValueError("--keep-last must be at least 1: the newest checkpoint is what --resume continues from")
