@@ -1,4 +1,6 @@
-"""What the scripts share to run: the torchrun set-up, and the code version a run records."""
+"""What the scripts share to run: the torchrun set-up, atomic file replacement, and the code version a run
+records."""
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -45,3 +47,13 @@ def git_commit():
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.stdout.strip() + ("+changes" if dirty.strip() else "")
+
+
+@contextlib.contextmanager
+def replace_atomically(path):
+    """Yield a temporary path beside `path` to write to; when the block ends without error, rename it over `path`.
+    A run killed at any moment leaves either the old file or the new one, never a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    yield tmp
+    os.replace(tmp, path)

@@ -12,7 +12,6 @@ Time convention (REPA's): samplers integrate from t = 1 (noise) to t = 0 (data).
 """
 import argparse
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from runtime import barrier, close_distributed, git_commit, init_distributed
+from runtime import barrier, close_distributed, git_commit, init_distributed, replace_atomically
 from models import TRAINING_HEADS, build_model, config_from_state_dict
 from vae import LATENT_CHANNELS, decode_latents, file_sha256, load_vae, vae_weights_path
 
@@ -186,9 +185,8 @@ def save_grid(images, columns, path):
 
 def save_png(image, path):
     """Write an (H, W, 3) uint8 image atomically: a killed run never leaves a truncated PNG behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image.numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replace_atomically(path) as tmp:
+        Image.fromarray(image.numpy()).save(tmp, format="PNG")
 
 
 def write_npz(folder, num_samples, path):
@@ -199,8 +197,7 @@ def write_npz(folder, num_samples, path):
     first = np.asarray(Image.open(folder / f"{0:06d}.png"))
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num_samples, *first.shape)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with replace_atomically(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, header)
             for i in tqdm(range(num_samples), desc="packing .npz"):
@@ -208,7 +205,6 @@ def write_npz(folder, num_samples, path):
                 if image.shape != first.shape:
                     raise ValueError(f"{folder / f'{i:06d}.png'} has shape {image.shape}, not {first.shape}")
                 f.write(image.tobytes())
-    os.replace(tmp, path)
 
 
 #################################################################################

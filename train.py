@@ -37,7 +37,7 @@ from losses import (adaptive_weight, dispersive_loss, diversity_loss, diversity_
                     interpolate, meanflow_loss, meanflow_target, repa_loss, sample_meanflow_times, sample_time,
                     sra_loss, sra_teacher_time)
 from models import SIT_SIZES, SiT_models, build_model
-from runtime import barrier, close_distributed, git_commit, init_distributed
+from runtime import barrier, close_distributed, git_commit, init_distributed, replace_atomically
 from sample import GRID_CLASSES, generate, save_grid
 from vae import load_vae, sample_latents
 
@@ -268,12 +268,10 @@ def total_loss(terms, args):
 def save_atomically(obj, path):
     """torch.save to a temporary file, flushed to disk, then renamed: a run killed (or a machine that loses power)
     at any moment leaves the old file intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with replace_atomically(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_steps(folder):
@@ -336,9 +334,8 @@ def truncate_metrics(path, step):
                 kept.append(line)
         except (ValueError, KeyError):
             continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    with replace_atomically(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept))
 
 
 def create_logger(run_dir, rank):
