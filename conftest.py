@@ -38,3 +38,16 @@ def sd_vae(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd-vae-ft-mse")
     write_safetensors(vae.state_dict(), folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     return vae, folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 512 KiB tmpfs, to run out of space in; skipped where mounting is not permitted (not root)."""
+    import subprocess
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -1,8 +1,12 @@
-"""What the scripts share to run: the torchrun set-up, atomic file replacement, and the code version a run
-records."""
+"""What the scripts share to run: the torchrun set-up, one-line errors for the user's mistakes, atomic file
+replacement, and the code version a run records."""
 import contextlib
+import ctypes
+import errno
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ def init_distributed(timeout=None):
     """
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    exit_with_parent()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -26,6 +31,17 @@ def init_distributed(timeout=None):
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def exit_with_parent():
+    """Ask Linux to send this process SIGTERM when its parent dies: a worker whose torchrun agent was killed would
+    otherwise train on unsupervised. Elsewhere (no prctl) it does nothing."""
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def barrier():
@@ -49,11 +65,55 @@ def git_commit():
     return commit.stdout.strip() + ("+changes" if dirty.strip() else "")
 
 
+class UserError(ValueError):
+    """A mistake in what the user gave (a flag, a file, a checkpoint): `run` prints it as one line, no traceback."""
+
+
+def run(main, args):
+    """main(args), with a UserError printed as one `error: …` line (by rank 0 only) and exit status 2, as argparse
+    does for bad flags. Anything else is a bug and keeps its traceback."""
+    try:
+        main(args)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def temporary_path(path):
+    """Where `replace_atomically` writes `path` before renaming it: a hidden file beside it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 @contextlib.contextmanager
 def replace_atomically(path):
-    """Yield a temporary path beside `path` to write to; when the block ends without error, rename it over `path`.
-    A run killed at any moment leaves either the old file or the new one, never a truncated file."""
+    """Yield a temporary path beside `path` to write to; when the block ends without error, rename it over `path`
+    and sync the folder, so that the rename survives a power cut. A run killed at any moment leaves either the old
+    file or the new one, never a truncated file. On an error the temporary file is removed; a full disk is
+    reported as an OSError(ENOSPC) naming `path` (torch.save to a file object raises it; to a path it does not).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    yield tmp
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left while writing {path}") from None
+        raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder):
+    """fsync a folder, so that the names just created or renamed in it are on disk (where the OS allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync folders
+        pass
+    finally:
+        os.close(fd)

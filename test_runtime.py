@@ -1,0 +1,94 @@
+"""runtime.py: one-line user errors, atomic writes on a full disk, workers that die with their parent, and
+--help answered before the heavy imports."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime import UserError, replace_atomically, run
+
+SCRIPTS = ["train.py", "sample.py", "fid.py", "vae.py", "data.py", "analysis.py", "bench.py"]
+HERE = Path(__file__).parent
+
+
+def test_user_error_is_one_line_and_exit_2(capsys):
+    def main(args):
+        raise UserError(f"--thing {args} is not a thing")
+    with pytest.raises(SystemExit) as exit_:
+        run(main, 3)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: --thing 3 is not a thing\n"
+
+
+def test_bugs_keep_their_traceback():
+    def main(args):
+        raise KeyError("a bug")
+    with pytest.raises(KeyError):
+        run(main, None)
+
+
+def test_replace_atomically_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with replace_atomically(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    with replace_atomically(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_full_disk_names_the_file_and_leaves_no_temporary(small_disk):
+    path = small_disk / "big.bin"
+    with pytest.raises(OSError) as error:
+        with replace_atomically(path) as tmp, open(tmp, "wb") as f:
+            f.write(b"x" * (1 << 20))
+            f.flush()
+    assert error.value.errno == errno.ENOSPC and f"no space left while writing {path}" in str(error.value)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_worker_exits_when_its_parent_dies(tmp_path):
+    """The parent starts a worker that asks for SIGTERM on its parent's death, then is killed with SIGKILL."""
+    pid_file = tmp_path / "worker.pid"
+    worker = f"import runtime, time, pathlib; runtime.exit_with_parent(); pathlib.Path({str(pid_file)!r}).write_text(" \
+             f"str(__import__('os').getpid())); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"], cwd=HERE)
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    worker_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{worker_pid}/stat").read_text().split()[2] == "Z":  # exited, waiting to be reaped
+            return
+        time.sleep(0.1)
+    os.kill(worker_pid, signal.SIGKILL)
+    pytest.fail("the worker outlived its parent")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_before_the_heavy_imports(script):
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script!r}, '--help']\n"
+             "try:\n"
+             f"    runpy.run_path({script!r}, run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "print('IMPORTED', sorted(m for m in ('torch', 'numpy', 'scipy', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    assert "usage:" in out and out.strip().endswith("IMPORTED []")
