@@ -18,18 +18,41 @@ import argparse
 import json
 from pathlib import Path
 
+METRIC_NAMES = {"cka_rbf": "RBF CKA", "cka_linear": "linear CKA", "cosine": "mean |token cosine|"}
+METRICS = tuple(METRIC_NAMES)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", required=True, help="a checkpoint; repeat to compare several")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
+                        help="which weights of a training checkpoint (a short run's EMA is still near the initial one)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
+    parser.add_argument("--num-samples", type=int, default=64, help="batch the similarities are measured on")
+    parser.add_argument("--seed", type=int, default=0, help="labels and noise (identical for every checkpoint)")
+    parser.add_argument("--data-path", default=None,
+                        help="take features on noised data from this prepared folder (or builtin:shapes) instead")
+    parser.add_argument("--t", type=float, nargs="+", default=None, help="times for --data-path (default 0.5)")
+    parser.add_argument("--out", default="analysis", help="folder for the PNGs and similarity.json")
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import PreparedDataset, ShapesDataset
+from data import open_dataset
 from losses import diversity_loss, diversity_pairs, interpolate
+from runtime import UserError, run
 from sample import SampleRandomness, load_sampling_model
-from train import BUILTIN_DATA
 from vae import sample_latents
 
-METRICS = ("cka_rbf", "cka_linear", "cosine")
 TRAJECTORY_STEPS = 50  # features at the last step of a 50-step Euler trajectory
+COLOUR_RANGE = (0.0, 1.0)  # every metric lies in [0, 1]: one fixed scale, so pictures drawn apart compare by eye
 # A perceptually ordered colour map (viridis at five stops), interpolated linearly in between.
 COLOURS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
@@ -124,11 +147,10 @@ def fixed_inputs(model, args, device):
     eps = rand.normal((model.in_channels, model.input_size, model.input_size)).float()
     x0 = None
     if args.data_path:
-        dataset = (ShapesDataset(image_size=model.input_size) if args.data_path == BUILTIN_DATA
-                   else PreparedDataset(args.data_path))
+        dataset = open_dataset(args.data_path, builtin_image_size=model.input_size)
         generator = torch.Generator().manual_seed(args.seed)
         if args.num_samples > len(dataset):
-            raise ValueError(f"--num-samples {args.num_samples} is more than the {len(dataset)} images of "
+            raise UserError(f"--num-samples {args.num_samples} is more than the {len(dataset)} images of "
                              f"{args.data_path}")
         indices = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
         items = [dataset[i] for i in indices]
@@ -154,25 +176,26 @@ def colour(values, low, high):
 
 
 def heatmap(matrix, title, low, high, cell=16):
-    """One PIL image: the matrix (block 0 at the top left), block indices, a colour bar and a title."""
+    """One PIL image: a title of up to two lines, the matrix (block 0 at the top left), block indices, a colour bar."""
     L = len(matrix)
     font = ImageFont.load_default()
-    margin, bar = 28, 14
+    margin, top, bar = 28, 36, 14
     size = L * cell
-    image = Image.new("RGB", (margin + size + 12 + bar + 40, margin + size + 24), "white")
+    width = max(margin + size + 12 + bar + 40, 8 + round(max(font.getlength(line) for line in title.split("\n"))))
+    image = Image.new("RGB", (width, top + size + 24), "white")
     cells = colour(matrix, low, high).repeat(cell, axis=0).repeat(cell, axis=1)  # (size, size, 3)
-    image.paste(Image.fromarray(cells), (margin, margin))
+    image.paste(Image.fromarray(cells), (margin, top))
     draw = ImageDraw.Draw(image)
-    draw.text((margin, 4), title, fill="black", font=font)
+    draw.text((4, 4), title, fill="black", font=font)
     every = max(1, L // 8)
     for k in range(0, L, every):
-        draw.text((margin + k * cell + 2, margin + size + 4), str(k), fill="black", font=font)
-        draw.text((4, margin + k * cell + 2), str(k), fill="black", font=font)
+        draw.text((margin + k * cell + 2, top + size + 4), str(k), fill="black", font=font)
+        draw.text((4, top + k * cell + 2), str(k), fill="black", font=font)
     ramp = colour(np.linspace(high, low, size)[:, None].repeat(bar, axis=1), low, high)
     x_bar = margin + size + 12
-    image.paste(Image.fromarray(ramp), (x_bar, margin))
-    draw.text((x_bar + bar + 3, margin - 2), f"{high:.2f}", fill="black", font=font)
-    draw.text((x_bar + bar + 3, margin + size - 10), f"{low:.2f}", fill="black", font=font)
+    image.paste(Image.fromarray(ramp), (x_bar, top))
+    draw.text((x_bar + bar + 3, top - 2), f"{high:.2f}", fill="black", font=font)
+    draw.text((x_bar + bar + 3, top + size - 10), f"{low:.2f}", fill="black", font=font)
     return image
 
 
@@ -192,16 +215,20 @@ def side_by_side(images):
 
 def analyse(ckpt_path, args, device):
     """{metric: (L, L) matrix, …, "diversity": its three terms, "step": the checkpoint's step or None}."""
-    model, description = load_sampling_model(ckpt_path)
+    print(f"  loading its {args.weights} weights", flush=True)
+    model, description = load_sampling_model(ckpt_path, args.weights)
     model.to(device)
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     step = saved.get("steps") if isinstance(saved, dict) else None
     encoder_depth = saved["args"].get("encoder_depth") if isinstance(saved.get("args"), dict) else None
     y, eps, x0 = fixed_inputs(model, args, device)
+    print(f"  block features on {args.num_samples} samples", flush=True)
     features = {"trajectory": trajectory_features(model, eps, y)} if x0 is None else {
         f"t={t:g}": noised_data_features(model, x0, eps, y, t, description["path_type"]) for t in args.t}
-    result = {"step": step, "model": description["model"], "features": {}}
+    result = {"step": step, "model": description["model"], "weights": args.weights, "features": {}}
     for where, blocks in features.items():
+        print(f"  {', '.join(METRIC_NAMES[m] for m in args.metrics)} between {len(blocks)} blocks "
+              f"{measured_on(where)}", flush=True)
         div = diversity_loss(blocks, diversity_pairs(model.depth, encoder_depth))
         entry = {metric: similarity_matrix(blocks, metric) for metric in args.metrics}
         entry["mean_off_diagonal"] = {metric: mean_off_diagonal(entry[metric]) for metric in args.metrics}
@@ -210,6 +237,12 @@ def analyse(ckpt_path, args, device):
                               "dispersion": div.dispersion.item()}
         result["features"][where] = entry
     return result
+
+
+def measured_on(where):
+    """Where the features of a `features` key ("trajectory", "t=0.5") were taken, in words."""
+    return (f"at the last of {TRAJECTORY_STEPS} Euler steps (t={1 / TRAJECTORY_STEPS:g})" if where == "trajectory"
+            else f"on noised data at {where}")
 
 
 def run_label(path):
@@ -221,21 +254,24 @@ def run_label(path):
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.t and not args.data_path:
-        raise ValueError("--t takes features on noised data: give --data-path too")
+        raise UserError("--t takes features on noised data: give --data-path too")
     args.t = args.t or [0.5]
     if not all(0.0 <= t <= 1.0 for t in args.t):
-        raise ValueError(f"--t must lie in [0, 1], got {args.t}")
+        raise UserError(f"--t must lie in [0, 1], got {args.t}")
     if args.num_samples < 2:
-        raise ValueError("--num-samples must be at least 2: similarities compare samples")
-    results = {str(path): analyse(path, args, device) for path in args.ckpt}
+        raise UserError("--num-samples must be at least 2: similarities compare samples")
+    results = {}
+    for k, path in enumerate(args.ckpt, 1):
+        print(f"[{k}/{len(args.ckpt)}] {path}", flush=True)
+        results[str(path)] = analyse(path, args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     where_list = next(iter(results.values()))["features"].keys()
     for where in where_list:
         for metric in args.metrics:
             matrices = [r["features"][where][metric] for r in results.values()]
-            low = min(min(float(m[~np.eye(len(m), dtype=bool)].min()) for m in matrices), 1.0 - 1e-6)
-            images = [heatmap(m, f"{run_label(path)}, step {r['step']}", low, 1.0)
+            images = [heatmap(m, f"{METRIC_NAMES[metric]} {measured_on(where)}\n"
+                                 f"{run_label(path)}, step {r['step']}, {args.weights} weights", *COLOUR_RANGE)
                       for m, (path, r) in zip(matrices, results.items())]
             name = f"{metric}-{where.replace('=', '')}.png"
             side_by_side(images).save(out / name)
@@ -253,14 +289,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", action="append", required=True, help="a checkpoint; repeat to compare several")
-    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
-    parser.add_argument("--num-samples", type=int, default=64, help="batch the similarities are measured on")
-    parser.add_argument("--seed", type=int, default=0, help="labels and noise (identical for every checkpoint)")
-    parser.add_argument("--data-path", default=None,
-                        help=f"take features on noised data from this prepared folder (or {BUILTIN_DATA}) instead")
-    parser.add_argument("--t", type=float, nargs="+", default=None, help="times for --data-path (default 0.5)")
-    parser.add_argument("--out", default="analysis", help="folder for the PNGs and similarity.json")
-    parser.add_argument("--device", default=None)
-    main(parser.parse_args())
+    run(main, build_parser().parse_args())

@@ -7,6 +7,12 @@ import torch
 
 from vae import AutoencoderKL
 
+def pytest_configure(config):
+    # torch.func.jvp (MeanFlow's target) loads torch's own forward-AD decompositions, which call the deprecated
+    # torch.jit.script once per process (torch 2.14): expected, and not this project's call to change.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+
 SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                      torch.bool: "BOOL"}

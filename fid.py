@@ -19,10 +19,31 @@ torch-fidelity port it, with TensorFlow-1's bilinear resize and normalisation in
 import argparse
 import json
 import math
+import pickle
+import sys
 import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
+
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's port; torch-fidelity hosts the same file
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref", help="reference: .npz batch, folder of images, or saved statistics")
+    parser.add_argument("samples", nargs="?", default=None, help="samples: the same kinds")
+    parser.add_argument("--save-stats", default=None, help="save the one input's statistics and features here")
+    parser.add_argument("--inception", default=None,
+                        help=f"local copy of the Inception weights (default: downloaded from {INCEPTION_URL})")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (ADM: 64)")
+    parser.add_argument("--out", default=None, help="results JSON (default: SAMPLES.fid.json)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
 
 import numpy as np
 import scipy.linalg
@@ -33,16 +54,15 @@ from PIL import Image
 from torchvision.models import inception as tv
 from tqdm import tqdm
 
-from runtime import close_distributed, init_distributed
+from runtime import UserError, close_distributed, init_distributed, run
 
-INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                 "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's port; torch-fidelity hosts the same file
 INCEPTION_SIZE = 299      # the graph resizes every input to 299×299
 SPATIAL_CHANNELS = 7      # sFID: the first 7 channels of mixed_6/conv, 17·17·7 = 2023 values
 IS_SPLIT_SIZE = 5000      # ADM: Inception Score over contiguous splits of 5000 samples
 PR_NEIGHBOURS = 3         # ADM: a point's radius is its distance to its 3rd nearest neighbour
 PR_BATCH = 10_000         # ADM: distances in 10000 × 10000 blocks
 FD_EPS = 1e-6             # ADM / pytorch-fid: added to both covariances when sqrtm fails
+STANDARD_COUNTS = 50_000, 10_000  # ADM's tables: 50K samples against its 10K-image reference batches
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
@@ -153,17 +173,18 @@ def load_inception(path=None, device="cpu"):
             try:
                 torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix="6726825d", progress=True)
             except (OSError, RuntimeError) as e:  # no network, or a file whose hash does not match
-                raise RuntimeError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). "
-                                   f"Download the file where there is internet and pass it as --inception PATH."
-                                   ) from None
+                raise UserError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). "
+                                f"Download the file where there is internet and pass it as --inception PATH."
+                                ) from None
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--inception {path} does not exist (the weights are at {INCEPTION_URL})")
+        raise UserError(f"--inception {path} does not exist (the weights are at {INCEPTION_URL})")
     model = FIDInception()
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path} is not the FID Inception's state dict:\n{e}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, TypeError):  # not a weight file, or other weights
+        raise UserError(f"{path} is not the FID Inception's weights (expected the state dict {INCEPTION_URL})"
+                        ) from None
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -186,11 +207,11 @@ def npz_image_reader(path):
         version = np.lib.format.read_magic(f)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in read_header:
-            raise ValueError(f"{path}: arr_0 has .npy format version {version}, not 1.0 or 2.0")
+            raise UserError(f"{path}: arr_0 has .npy format version {version}, not 1.0 or 2.0")
         shape, fortran, dtype = read_header[version](f)
         offset = f.tell()
     if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
+        raise UserError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
     image_bytes = shape[1] * shape[2] * 3
 
     def batches(start, stop, size):
@@ -201,9 +222,9 @@ def npz_image_reader(path):
                 try:
                     data = f.read(n * image_bytes)
                 except zipfile.BadZipFile as e:  # a failed CRC check at the member's end
-                    raise ValueError(f"{path}: arr_0 is corrupt or truncated ({e})") from None
+                    raise UserError(f"{path}: arr_0 is corrupt or truncated ({e})") from None
                 if len(data) != n * image_bytes:
-                    raise ValueError(f"{path}: arr_0 is truncated (images from {lo} on of {shape[0]})")
+                    raise UserError(f"{path}: arr_0 is truncated (images from {lo} on of {shape[0]})")
                 yield np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:])
 
     return shape[0], batches
@@ -215,7 +236,7 @@ def open_source(path):
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ValueError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise UserError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
         def folder_batches(start, stop, size):
             for lo in range(start, stop, size):
@@ -224,25 +245,25 @@ def open_source(path):
                     with Image.open(p) as image:
                         arrays.append(np.asarray(image.convert("RGB")))
                 if len({a.shape for a in arrays}) > 1:
-                    raise ValueError(f"{path}: images of different sizes ({sorted({a.shape for a in arrays})})")
+                    raise UserError(f"{path}: images of different sizes ({sorted({a.shape for a in arrays})})")
                 yield np.stack(arrays)
 
         return Source(len(files), folder_batches, {}, None)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is neither an .npz file nor a folder of images")
+        raise UserError(f"{path} is neither an .npz file nor a folder of images")
     try:
         npz = np.load(path)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz file: {e}") from None
+        raise UserError(f"{path} is not a readable .npz file: {e}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is a bare .npy array, not an .npz with arr_0 (or saved statistics)")
+        raise UserError(f"{path} is a bare .npy array, not an .npz with arr_0 (or saved statistics)")
     stats = {k: npz[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in npz.files}
     if stats and len(stats) != 4:
-        raise ValueError(f"{path} carries only {sorted(stats)} of mu, sigma, mu_s, sigma_s")
+        raise UserError(f"{path} carries only {sorted(stats)} of mu, sigma, mu_s, sigma_s")
     if "pool" in npz.files:  # saved by --save-stats
         return Source(len(npz["pool"]), None, stats, npz["pool"])
     if "arr_0" not in npz.files:
-        raise ValueError(f"{path} has neither images (arr_0) nor saved statistics (pool); keys: {npz.files}")
+        raise UserError(f"{path} has neither images (arr_0) nor saved statistics (pool); keys: {npz.files}")
     return Source(*npz_image_reader(path), stats, None)
 
 
@@ -311,11 +332,17 @@ def inception_score(logits, split_size=IS_SPLIT_SIZE):
 
 
 def squared_distances(a, b):
-    """‖a_i − b_j‖² (m, n) as ADM's DistanceBlock: features rounded to float16, ‖a‖² − 2a·b + ‖b‖² with every
-    result rounded to float16 and clamped at 0; the block is recomputed in float32 if any entry overflows."""
-    a16, b16 = a.half().float(), b.half().float()
-    na, nb = (a16 ** 2).sum(1).half(), (b16 ** 2).sum(1).half()      # (m,), (n,)
-    dot = (a16 @ b16.T).half()                                          # (m, n)
+    """‖a_i − b_j‖² (m, n) in the order of roundings of ADM's DistanceBlock on float16 features: each feature,
+    each square and each norm ‖a‖² = Σ a² rounded to float16; a·b summed in float32 (TF's float16 matmul) and
+    rounded; ‖a‖² − 2a·b, then + ‖b‖², each rounded; clamped at 0. The block is recomputed in float32 if any
+    entry overflows float16, as the evaluator's tf.cond does.
+
+    TF's reduce_sum adds float16 numbers in float16, in its kernel's order (CUB's tree on a GPU), which we do not
+    copy: we add in float32 and round once, so a norm can still differ from the evaluator's by a float16 step.
+    """
+    a16, b16 = a.half(), b.half()
+    na, nb = (a16 * a16).float().sum(1).half(), (b16 * b16).float().sum(1).half()  # (m,), (n,): float16 squares
+    dot = (a16.float() @ b16.float().T).half()                                      # (m, n)
     d = (na[:, None] - 2 * dot + nb[None, :]).clamp(min=0)              # float16 arithmetic, as the TF graph
     if torch.isfinite(d).all():
         return d.float()
@@ -382,14 +409,31 @@ def features_of(model, source, args, rank, world_size, desc):
     return extract_features(model, source, args.batch_size, rank, world_size, desc)
 
 
+def open_inputs(args):
+    """The inputs, checked before any weights are loaded (or downloaded). Each must hold enough images for its
+    metrics: a covariance (FID, sFID) needs 2, precision and recall a point and its k nearest neighbours."""
+    if args.save_stats and args.samples is not None:
+        raise UserError("--save-stats takes one input: python fid.py INPUT --save-stats OUT.npz")
+    if not args.save_stats and args.samples is None:
+        raise UserError("give a reference and a sample batch: python fid.py REF SAMPLES")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    paths = [args.ref] if args.save_stats else [args.ref, args.samples]
+    sources = [open_source(path) for path in paths]
+    for path, source in zip(paths, sources):
+        if source.count < (2 if args.save_stats else PR_NEIGHBOURS + 1):
+            raise UserError(f"{path} holds {source.count} image(s): FID and sFID need at least 2 (a covariance), "
+                            f"precision and recall at least {PR_NEIGHBOURS + 1} in each set (k = {PR_NEIGHBOURS})")
+    return sources
+
+
 def main(args):
+    sources = open_inputs(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # reference-grade features
     rank, world_size, device = init_distributed()
     model = load_inception(args.inception, device)
     if args.save_stats:
-        if args.samples is not None:
-            raise ValueError("--save-stats takes one input: python fid.py INPUT --save-stats OUT.npz")
-        source = open_source(args.ref)
+        source, = sources
         features = features_of(model, source, args, rank, world_size, "features")
         if rank == 0:
             stats = statistics_of(source, features)
@@ -397,9 +441,7 @@ def main(args):
             print(f"saved the statistics of {len(features.pool)} images to {args.save_stats}")
         close_distributed()
         return
-    if args.samples is None:
-        raise ValueError("give a reference and a sample batch: python fid.py REF SAMPLES")
-    ref, samples = open_source(args.ref), open_source(args.samples)
+    ref, samples = sources
     ref_features = features_of(model, ref, args, rank, world_size, "reference")
     sample_features = features_of(model, samples, args, rank, world_size, "samples")
     if rank == 0:
@@ -414,6 +456,10 @@ def main(args):
             "reference": str(Path(args.ref).resolve()), "samples": str(Path(args.samples).resolve()),
             "num_reference": len(ref_features.pool), "num_samples": len(sample_features.pool),
         }
+        if samples.count < STANDARD_COUNTS[0] or ref.count < STANDARD_COUNTS[1]:
+            print(f"warning: {samples.count} samples against {ref.count} reference images are not comparable with "
+                  f"published numbers ({STANDARD_COUNTS[0]} against {STANDARD_COUNTS[1]}): FID is biased upwards "
+                  f"at small N", file=sys.stderr)
         for name in ("inception_score", "fid", "sfid", "precision", "recall"):
             print(f"{name}: {results[name]}")
         out = Path(args.out) if args.out else Path(f"{str(args.samples).rstrip('/')}.fid.json")
@@ -423,12 +469,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref", help="reference: .npz batch, folder of images, or saved statistics")
-    parser.add_argument("samples", nargs="?", default=None, help="samples: the same kinds")
-    parser.add_argument("--save-stats", default=None, help="save the one input's statistics and features here")
-    parser.add_argument("--inception", default=None,
-                        help=f"local copy of the Inception weights (default: downloaded from {INCEPTION_URL})")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (ADM: 64)")
-    parser.add_argument("--out", default=None, help="results JSON (default: SAMPLES.fid.json)")
-    main(parser.parse_args())
+    run(main, build_parser().parse_args())

@@ -70,13 +70,15 @@ class UserError(ValueError):
 
 
 def run(main, args):
-    """main(args), with a UserError printed as one `error: …` line (by rank 0 only) and exit status 2, as argparse
-    does for bad flags. Anything else is a bug and keeps its traceback."""
+    """main(args), with a UserError or a full disk printed as one `error: …` line (by rank 0 only) and exit status 2,
+    as argparse does for bad flags. Anything else is a bug and keeps its traceback."""
     try:
         main(args)
-    except UserError as e:
+    except Exception as e:
+        if not (isinstance(e, UserError) or disk_full(e)):
+            raise
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e.strerror if isinstance(e, OSError) else e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -90,7 +92,7 @@ def replace_atomically(path):
     """Yield a temporary path beside `path` to write to; when the block ends without error, rename it over `path`
     and sync the folder, so that the rename survives a power cut. A run killed at any moment leaves either the old
     file or the new one, never a truncated file. On an error the temporary file is removed; a full disk is
-    reported as an OSError(ENOSPC) naming `path` (torch.save to a file object raises it; to a path it does not).
+    reported as an OSError(ENOSPC) naming `path`.
     """
     path = Path(path)
     tmp = temporary_path(path)
@@ -99,10 +101,19 @@ def replace_atomically(path):
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if disk_full(e):
             raise OSError(errno.ENOSPC, f"no space left while writing {path}") from None
         raise
     sync_folder(path.parent)
+
+
+def disk_full(error):
+    """Whether `error` or an error it hides is ENOSPC: torch.save and PIL wrap the file's own OSError in theirs."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def sync_folder(folder):

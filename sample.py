@@ -11,9 +11,49 @@ and started again with the same command continues where it stopped and ends with
 Time convention (REPA's): samplers integrate from t = 1 (noise) to t = 0 (data).
 """
 import argparse
+import contextlib
+import itertools
 import json
+import re
 import zipfile
 from pathlib import Path
+
+SAMPLERS = ("euler", "heun", "sde", "meanflow")
+DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250, "meanflow": 1}  # REPA's ODE default; the papers' SDE FID
+                                                                       # setting; MeanFlow's one step
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a training checkpoint, SiT-XL-2-256.pt, or REPA's last.pt")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
+                        help="which weights of a training checkpoint")
+    parser.add_argument("--model", default=None, help="expected model (e.g. SiT-XL/2); read from the weights anyway")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="euler",
+                        help="euler / heun (ODE), sde (Euler–Maruyama, the papers' FID sampler), or meanflow "
+                             "(for MeanFlow models)")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="default: 50 for euler / heun, 250 for sde, 1 for meanflow")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,  # the paper's Tables 1, 4, 6–9 use no guidance
+                        help="1 = no guidance")
+    parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only where low ≤ t ≤ high (REPA)")
+    parser.add_argument("--guidance-high", type=float, default=1.0)
+    parser.add_argument("--num-fid-samples", type=int, default=None, help="write this many PNGs and an .npz; "
+                                                                          "without it, a grid")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="grid classes")
+    parser.add_argument("--images-per-class", type=int, default=4, help="grid columns")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)  # REPA generate.py's default
+    parser.add_argument("--seed", type=int, default=0, help="sample i draws from a generator seeded with (seed, i)")
+    parser.add_argument("--vae", default="ema", help="decoder: 'ema' or 'mse' (SiT / REPA sample with ema), or a path")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16 autocast for the network and the decoder: faster, changes FID slightly")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPUs")
+    parser.add_argument("--sample-dir", default="samples")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
 
 import numpy as np
 import PIL
@@ -22,13 +62,11 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from runtime import barrier, close_distributed, git_commit, init_distributed, replace_atomically
+from runtime import UserError, barrier, close_distributed, git_commit, init_distributed, replace_atomically, run
+from data import BUILTIN_DATA, shapes_classifier
 from models import TRAINING_HEADS, build_model, config_from_state_dict
 from vae import LATENT_CHANNELS, decode_latents, file_sha256, load_vae, vae_weights_path
 
-SAMPLERS = ("euler", "heun", "sde", "meanflow")
-DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250, "meanflow": 1}  # REPA's ODE default; the papers' SDE FID
-                                                                       # setting; MeanFlow's one step
 SDE_LAST_TIME = 0.04  # REPA: Euler–Maruyama down to t = 0.04, then one deterministic step to 0
 GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (ImageNet classes)
 
@@ -180,13 +218,19 @@ def generate(model, vae, indices, *, seed, sampler="euler", num_steps=50, cfg_sc
 def save_grid(images, columns, path):
     """uint8 images (N, H, W, 3) → one PNG, `columns` images per row, 2-pixel white borders."""
     grid = make_grid(images.permute(0, 3, 1, 2), nrow=columns, padding=2, pad_value=255)  # (3, H', W')
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    save_png(grid.permute(1, 2, 0), path)
 
 
 def save_png(image, path):
     """Write an (H, W, 3) uint8 image atomically: a killed run never leaves a truncated PNG behind."""
     with replace_atomically(path) as tmp:
         Image.fromarray(image.numpy()).save(tmp, format="PNG")
+
+
+def save_json(settings, path):
+    """Write the settings atomically: a run cut short never leaves a truncated record that later runs cannot read."""
+    with replace_atomically(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def write_npz(folder, num_samples, path):
@@ -203,7 +247,7 @@ def write_npz(folder, num_samples, path):
             for i in tqdm(range(num_samples), desc="packing .npz"):
                 image = np.asarray(Image.open(folder / f"{i:06d}.png"))
                 if image.shape != first.shape:
-                    raise ValueError(f"{folder / f'{i:06d}.png'} has shape {image.shape}, not {first.shape}")
+                    raise UserError(f"{folder / f'{i:06d}.png'} has shape {image.shape}, not {first.shape}")
                 f.write(image.tobytes())
 
 
@@ -224,62 +268,65 @@ def load_sampling_model(path, weights="ema", model_name=None):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {path} does not exist")
+        raise UserError(f"--ckpt {path} does not exist")
+    if not zipfile.is_zipfile(path):  # what torch.save writes (and the only format torch.load's mmap reads)
+        raise UserError(f"{path} is not a checkpoint: not a torch file, or a truncated one")
     try:  # memory-mapped: every rank of a node reads the same pages instead of its own copy of an 11 GB file
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch reports foreign pickles as UnpicklingError or RuntimeError, depending on version
-        raise ValueError(f"{path} is not a checkpoint this script reads (only tensors, dicts and plain values load "
-                         f"safely; save training arguments as a dict, not a Namespace): {e}") from None
-    path_type = "linear"
+        found = re.search(r"GLOBAL (\S+)", str(e))  # the class that weights_only refused to unpickle
+        raise UserError(f"{path} is not a checkpoint this script reads: a torch file holding " + (
+            f"a pickled {found[1]}, which does not load safely" if found else f"what torch cannot read ({e})")) from None
+    path_type, training_data = "linear", None
     if isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys():
         if not isinstance(ckpt["args"], dict):
-            raise ValueError(f"{path}: its training arguments are a {type(ckpt['args']).__name__}, not a dict")
+            raise UserError(f"{path}: its training arguments are a {type(ckpt['args']).__name__}, not a dict")
         state_dict, kind, sit_time = ckpt[weights], "DiverseDiT training checkpoint", False
-        path_type = ckpt["args"].get("path_type", "linear")
+        path_type, training_data = ckpt["args"].get("path_type", "linear"), ckpt["args"].get("data_path")
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         if weights != "ema":
-            raise ValueError(f"{path} is a bare state dict, which holds one set of weights (the released EMA); "
+            raise UserError(f"{path} is a bare state dict, which holds one set of weights (the released EMA); "
                              f"--weights {weights} applies to this project's training checkpoints only")
         state_dict, (kind, sit_time) = ckpt, bare_state_dict_kind(path, ckpt)
     else:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
-        raise ValueError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and args) "
+        raise UserError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and args) "
                          f"nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}"
                          + (f" with keys {keys}" if keys else ""))
     try:
         name, config = config_from_state_dict(state_dict)
     except ValueError as e:
-        raise ValueError(f"{path} ({kind}): {e}") from None
+        raise UserError(f"{path} ({kind}): {e}") from None
     trained_as = ckpt["args"].get("model") if kind.startswith("DiverseDiT") else None
     for claimed, source in ((model_name, "--model"), (trained_as, "its training arguments")):
         if claimed is not None and claimed != name:
-            raise ValueError(f"{source}: {claimed}, but {path} ({kind}) holds the weights of a {name}")
+            raise UserError(f"{source}: {claimed}, but {path} ({kind}) holds the weights of a {name}")
     if config["in_channels"] not in (LATENT_CHANNELS, 3):
-        raise ValueError(f"{path} holds a model of {config['in_channels']} input channels: neither SD-VAE latents "
+        raise UserError(f"{path} holds a model of {config['in_channels']} input channels: neither SD-VAE latents "
                          f"({LATENT_CHANNELS}) nor RGB pixels (3)")
     model = build_model(name, sit_time=sit_time, **config)
     model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(TRAINING_HEADS)}, strict=True)
     description = {"checkpoint_kind": kind, "weights": weights, "model": name, "sit_time": sit_time,
-                   "path_type": path_type, **config}
+                   "path_type": path_type, "training_data": training_data, **config}
     return model.eval().requires_grad_(False), description
 
 
 def bare_state_dict_kind(path, state_dict):
-    """(kind, sit_time) of a bare state dict: the official SiT file or REPA's last.pt, else a ValueError."""
+    """(kind, sit_time) of a bare state dict: the official SiT file or REPA's last.pt, else a UserError."""
     keys = state_dict.keys()
     if any(key.startswith("module.") for key in keys):
-        raise ValueError(f"{path}: keys start with 'module.' (saved from a DDP wrapper); strip that prefix first")
+        raise UserError(f"{path}: keys start with 'module.' (saved from a DDP wrapper); strip that prefix first")
     projectors = any(key.startswith("projectors.") for key in keys)
     ours = [head for head in ("skip_linears.", "sra_head.") if any(key.startswith(head) for key in keys)]
     try:
         learn_sigma = config_from_state_dict(state_dict)[1]["learn_sigma"]
     except ValueError as e:
-        raise ValueError(f"{path} (a bare state dict): {e}") from None
+        raise UserError(f"{path} (a bare state dict): {e}") from None
     if projectors and not learn_sigma and not ours:
         return "REPA state dict (REPA's time convention)", False
     if learn_sigma and not projectors and not ours:
         return "SiT state dict (SiT's time convention)", True
-    raise ValueError(f"{path} is a bare state dict that is neither the official SiT file (learn_sigma, no "
+    raise UserError(f"{path} is a bare state dict that is neither the official SiT file (learn_sigma, no "
                      f"projectors) nor REPA's last.pt (projectors, no learn_sigma): it has learn_sigma={learn_sigma}, "
                      f"projectors={projectors}" + (f", {' and '.join(h.rstrip('.') for h in ours)}" if ours else "")
                      + ". Its time convention is unknown; sample from the training checkpoint it came from.")
@@ -291,16 +338,18 @@ def sampling_settings(args):
 
 
 def run_name(args, description):
-    """The outputs' name, DiT / SiT style: model, checkpoint and every setting that changes the images."""
+    """The outputs' name, DiT / SiT style: the checkpoint (run folder and step for a training checkpoint), the model
+    where that name does not already say it, and every setting that changes the images."""
     ckpt = Path(args.ckpt)
     stem = f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
-    name = (f"{description['model'].replace('/', '-')}-{stem}-{args.weights}-{args.sampler}-{args.num_steps}"
-            f"-cfg-{args.cfg_scale:g}")
+    model = description["model"].replace("/", "-")
+    name = (stem if model in stem else f"{model}-{stem}") + (f"-{args.weights}-{args.sampler}{args.num_steps}"
+                                                               f"-cfg{args.cfg_scale:g}")
     if (args.guidance_low, args.guidance_high) != (0.0, 1.0):
-        name += f"-interval-{args.guidance_low:g}-{args.guidance_high:g}"
+        name += f"-interval{args.guidance_low:g}-{args.guidance_high:g}"
     if description["in_channels"] == LATENT_CHANNELS:
         name += f"-vae-{Path(args.vae).stem}"
-    return name + f"-{args.precision}-seed-{args.seed}"
+    return name + f"-{args.precision}-seed{args.seed}"
 
 
 def settings_record(args, description, labels):
@@ -321,6 +370,20 @@ def settings_record(args, description, labels):
     }
 
 
+@contextlib.contextmanager
+def progress(model, num_images, evaluations, disable=False):
+    """A bar over images that also shows the network evaluation reached within the batch being drawn (one batch may
+    be all there is, and take minutes on a CPU): a forward hook on the model counts the evaluations."""
+    with tqdm(total=num_images, unit="image", desc="sampling", disable=disable) as bar:
+        count = itertools.count()
+        hook = model.register_forward_hook(
+            lambda *_: bar.set_postfix_str(f"evaluation {next(count) % evaluations + 1}/{evaluations} of the batch"))
+        try:
+            yield bar
+        finally:
+            hook.remove()
+
+
 def beside(path, suffix):
     """path + suffix; not Path.with_suffix, which would cut a name like "…-interval-0-0.7" at its dot."""
     return path.parent / f"{path.name}{suffix}"
@@ -329,14 +392,17 @@ def beside(path, suffix):
 def write_or_check_settings(path, settings):
     """Write the settings, or check that a run being continued had the same; a new code version is appended."""
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is damaged ({e}): delete it, or move the outputs beside it away") from None
         changed = [key for key in settings if key != "code" and old.get(key) != settings[key]]
         if changed:
-            raise ValueError(f"{path} records other settings for these outputs ({', '.join(changed)} differ); "
+            raise UserError(f"{path} records other settings for these outputs ({', '.join(changed)} differ); "
                              f"move the old outputs away or change --sample-dir")
         if settings["code"][0] not in old["code"]:  # continued with other code: say so in the record
             settings["code"] = old["code"] + settings["code"]
-    path.write_text(json.dumps(settings, indent=1) + "\n")
+    save_json(settings, path)
 
 
 #################################################################################
@@ -349,12 +415,12 @@ def check_args(args):
     for flag, value in [("--num-steps", args.num_steps), ("--per-proc-batch-size", args.per_proc_batch_size),
                         ("--images-per-class", args.images_per_class), ("--num-fid-samples", args.num_fid_samples)]:
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+            raise UserError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
-        raise ValueError(f"the guidance interval must satisfy 0 ≤ low ≤ high ≤ 1, got [{args.guidance_low}, "
+        raise UserError(f"the guidance interval must satisfy 0 ≤ low ≤ high ≤ 1, got [{args.guidance_low}, "
                          f"{args.guidance_high}]")
     if args.num_fid_samples is not None and args.class_labels:
-        raise ValueError("--class-labels sets a grid's rows; FID batches draw labels uniformly per sample")
+        raise UserError("--class-labels sets a grid's rows; FID batches draw labels uniformly per sample")
 
 
 def main(args):
@@ -363,12 +429,12 @@ def main(args):
     rank, world_size, device = init_distributed()
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
     if description["meanflow"] != (args.sampler == "meanflow"):
-        raise ValueError(f"{args.ckpt} holds a {'MeanFlow' if description['meanflow'] else 'flow-matching'} model: "
+        raise UserError(f"{args.ckpt} holds a {'MeanFlow' if description['meanflow'] else 'flow-matching'} model: "
                          f"use --sampler {'meanflow' if description['meanflow'] else 'euler, heun or sde'}")
     if args.sampler == "meanflow" and args.cfg_scale != 1.0:
-        raise ValueError("MeanFlow trains guidance into the network: sample it with --cfg-scale 1")
+        raise UserError("MeanFlow trains guidance into the network: sample it with --cfg-scale 1")
     if args.sampler == "sde" and description["path_type"] != "linear":
-        raise ValueError(f"the SDE sampler's score assumes the linear path; {args.ckpt} was trained on the "
+        raise UserError(f"the SDE sampler's score assumes the linear path; {args.ckpt} was trained on the "
                          f"{description['path_type']} path: use --sampler euler or heun")
     model.to(device)
     vae = load_vae(args.vae, device) if description["in_channels"] == LATENT_CHANNELS else None
@@ -388,18 +454,30 @@ def sample_grid(model, vae, args, description, stem, rank):
     default = GRID_CLASSES if model.num_classes == 1000 else list(range(min(8, model.num_classes)))
     classes = args.class_labels or default
     if not all(0 <= c < model.num_classes for c in classes):
-        raise ValueError(f"--class-labels must lie in 0..{model.num_classes - 1}, got {classes}")
+        raise UserError(f"--class-labels must lie in 0..{model.num_classes - 1}, got {classes}")
     labels = torch.tensor([c for c in classes for _ in range(args.images_per_class)])
     settings = {**settings_record(args, description, classes), "images_per_class": args.images_per_class}
     print(json.dumps(settings, indent=1))
     stem = stem.parent / f"{stem.name}-grid-{'-'.join(map(str, classes))}-x{args.images_per_class}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    batches = torch.arange(len(labels)).split(args.per_proc_batch_size)
-    images = torch.cat([generate(model, vae, batch.tolist(), labels=labels[batch], **sampling_settings(args))
-                        for batch in tqdm(batches, desc="sampling")])  # (N, H, W, 3)
+    images = []
+    with progress(model, len(labels), model_evaluations(args.sampler, args.num_steps)) as bar:
+        for batch in torch.arange(len(labels)).split(args.per_proc_batch_size):
+            images.append(generate(model, vae, batch.tolist(), labels=labels[batch], **sampling_settings(args)))
+            bar.update(len(batch))
+    images = torch.cat(images)  # (N, H, W, 3)
     save_grid(images, args.images_per_class, beside(stem, ".png"))
-    beside(stem, ".json").write_text(json.dumps(settings, indent=1) + "\n")
+    save_json(settings, beside(stem, ".json"))
     print(f"saved {beside(stem, '.png')}")
+    if description["training_data"] == BUILTIN_DATA:  # the quick start's question: has it learned the shapes?
+        print(f"the built-in data's classifier recognises {shapes_recognised(images, labels)}/{len(labels)} samples "
+              f"as their requested shape")
+
+
+def shapes_recognised(images, labels):
+    """How many uint8 images (N, H, W, 3) data.shapes_classifier names as the shape of their label."""
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1], as ShapesDataset's
+    return (shapes_classifier(x.shape[-1])(x).argmax(dim=1) == labels).sum().item()
 
 
 def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
@@ -421,9 +499,12 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
     barrier()  # every rank has listed the same pending batches before any writes
     if rank == 0 and len(pending) < len(batches):
         print(f"continuing: {len(batches) - len(pending)} of {len(batches)} batches are already written")
-    for batch in tqdm(pending[rank::world_size], desc="sampling", disable=rank != 0):
-        for i, image in zip(batch, generate(model, vae, batch, **sampling_settings(args))):
-            save_png(image, folder / f"{i:06d}.png")
+    mine = pending[rank::world_size]
+    with progress(model, sum(map(len, mine)), model_evaluations(args.sampler, args.num_steps), rank != 0) as bar:
+        for batch in mine:
+            for i, image in zip(batch, generate(model, vae, batch, **sampling_settings(args))):
+                save_png(image, folder / f"{i:06d}.png")
+            bar.update(len(batch))
     barrier()
     if rank == 0 and not npz.is_file():
         write_npz(folder, N, npz)
@@ -431,29 +512,4 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a training checkpoint, SiT-XL-2-256.pt, or REPA's last.pt")
-    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
-                        help="which weights of a training checkpoint")
-    parser.add_argument("--model", default=None, help="expected model (e.g. SiT-XL/2); read from the weights anyway")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="euler",
-                        help="euler / heun (ODE), sde (Euler–Maruyama, the papers' FID sampler), or meanflow "
-                             "(for MeanFlow models)")
-    parser.add_argument("--num-steps", type=int, default=None,
-                        help="default: 50 for euler / heun, 250 for sde, 1 for meanflow")
-    parser.add_argument("--cfg-scale", type=float, default=1.0,  # the paper's Tables 1, 4, 6–9 use no guidance
-                        help="1 = no guidance")
-    parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only where low ≤ t ≤ high (REPA)")
-    parser.add_argument("--guidance-high", type=float, default=1.0)
-    parser.add_argument("--num-fid-samples", type=int, default=None, help="write this many PNGs and an .npz; "
-                                                                          "without it, a grid")
-    parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="grid classes")
-    parser.add_argument("--images-per-class", type=int, default=4, help="grid columns")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)  # REPA generate.py's default
-    parser.add_argument("--seed", type=int, default=0, help="sample i draws from a generator seeded with (seed, i)")
-    parser.add_argument("--vae", default="ema", help="decoder: 'ema' or 'mse' (SiT / REPA sample with ema), or a path")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16 autocast for the network and the decoder: faster, changes FID slightly")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPUs")
-    parser.add_argument("--sample-dir", default="samples")
-    main(parser.parse_args())
+    run(main, build_parser().parse_args())

@@ -1,6 +1,7 @@
 """CPU checks of analysis.py: CKA's invariances and a hand-computed case, the similarity matrix, the heatmaps."""
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 import analysis
 from analysis import cka, mean_abs_token_cosine, similarity_matrix
 from models import build_model
+from runtime import UserError
 
 
 def test_the_rbf_bandwidth_is_the_median_of_all_squared_distances():
@@ -55,20 +57,36 @@ def test_similarity_matrices_are_symmetric_with_a_unit_diagonal():
     assert analysis.mean_off_diagonal(np.array([[1.0, 0.2], [0.2, 1.0]])) == pytest.approx(0.2)
 
 
-def test_heatmaps_and_json_for_two_checkpoints(tmp_path):
+def perturbed_model(seed):
+    torch.manual_seed(seed)
+    model = build_model("SiT-Tiny/4", input_size=8, in_channels=3, num_classes=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_heatmaps_and_json_for_two_checkpoints(tmp_path, capsys, monkeypatch):
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = build_model("SiT-Tiny/4", input_size=8, in_channels=3, num_classes=5)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        model = perturbed_model(seed)
         torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
                     "steps": 100 * (seed + 1)}, tmp_path / f"{seed}.pt")
-    args = argparse.Namespace(ckpt=[tmp_path / "0.pt", tmp_path / "1.pt"], metrics=["cka_rbf", "cosine"],
+    args = argparse.Namespace(ckpt=[tmp_path / "0.pt", tmp_path / "1.pt"], weights="ema", metrics=["cka_rbf", "cosine"],
                               num_samples=6, seed=0, data_path=None, t=None, out=tmp_path / "out", device="cpu")
+    drawn, real_heatmap = [], analysis.heatmap
+    monkeypatch.setattr(analysis, "heatmap", lambda m, title, low, high: drawn.append((title, low, high))
+                        or real_heatmap(m, title, low, high))
     analysis.main(args)
-    single = analysis.heatmap(np.eye(8), "x", 0.0, 1.0)
-    assert single.size == (28 + 8 * 16 + 12 + 14 + 40, 28 + 8 * 16 + 24)
+    # each picture says its metric, where it was measured, and the run; one fixed colour range for all
+    assert drawn == [(f"{metric} at the last of 50 Euler steps (t=0.02)\n{name}, step {step}, ema weights", 0.0, 1.0)
+                     for metric in ("RBF CKA", "mean |token cosine|") for name, step in (("0.pt", 100), ("1.pt", 200))]
+    out = capsys.readouterr().out  # progress per checkpoint and per stage
+    assert re.search(r"\[1/2\] .*0.pt\n  loading its ema weights\n  block features on 6 samples\n"
+                     r"  RBF CKA, mean \|token cosine\| between 8 blocks at the last of 50 Euler steps", out)
+    assert f"[2/2] {tmp_path / '1.pt'}" in out
+    single = real_heatmap(np.eye(8), "x", 0.0, 1.0)
+    assert single.size == (28 + 8 * 16 + 12 + 14 + 40, 36 + 8 * 16 + 24)
+    assert real_heatmap(np.eye(8), "x" * 100, 0.0, 1.0).width > single.width  # wide enough for its title
     assert Image.open(tmp_path / "out" / "cka_rbf-trajectory.png").size == (2 * single.width, single.height)
     results = json.loads((tmp_path / "out" / "similarity.json").read_text())
     first = results[str(tmp_path / "0.pt")]
@@ -79,20 +97,39 @@ def test_heatmaps_and_json_for_two_checkpoints(tmp_path):
     assert again["features"]["trajectory"]["mean_off_diagonal"] == first["features"]["trajectory"]["mean_off_diagonal"]
 
 
+def test_the_weights_flag_picks_the_raw_or_the_ema_weights(tmp_path):
+    raw, ema = perturbed_model(0), perturbed_model(1)
+    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "args": {"model": "SiT-Tiny/4"}}, tmp_path / "a.pt")
+    torch.save({"model": ema.state_dict(), "ema": raw.state_dict(), "args": {"model": "SiT-Tiny/4"}}, tmp_path / "b.pt")
+    args = argparse.Namespace(ckpt=None, weights="model", metrics=["cka_linear"], num_samples=4, seed=0, data_path=None,
+                              t=None, out=tmp_path / "out", device="cpu")
+    mean = lambda path, weights: analysis.analyse(path, argparse.Namespace(**{**vars(args), "weights": weights}),  # noqa: E731
+                                                  torch.device("cpu"))["features"]["trajectory"]["mean_off_diagonal"]
+    assert mean(tmp_path / "a.pt", "model") == mean(tmp_path / "b.pt", "ema") != mean(tmp_path / "a.pt", "ema")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    (tmp_path / "notes.md").write_text("# not weights\n")
+    args = argparse.Namespace(ckpt=[tmp_path / "notes.md"], weights="ema", metrics=["cka_linear"], num_samples=4,
+                              seed=0, data_path=None, t=None, out=tmp_path / "out", device="cpu")
+    with pytest.raises(UserError, match=r"notes.md is not a checkpoint: not a torch file, or a truncated one$"):
+        analysis.main(args)
+
+
 def test_features_on_noised_built_in_data(tmp_path):
     torch.manual_seed(0)
     model = build_model("SiT-Tiny/4", input_size=16, in_channels=3, num_classes=10)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
                 "steps": 1}, tmp_path / "a.pt")
-    args = argparse.Namespace(ckpt=[tmp_path / "a.pt"], metrics=["cka_linear"], num_samples=4, seed=0,
+    args = argparse.Namespace(ckpt=[tmp_path / "a.pt"], weights="ema", metrics=["cka_linear"], num_samples=4, seed=0,
                               data_path="builtin:shapes", t=[0.2, 0.8], out=tmp_path / "out", device="cpu")
     analysis.main(args)
     assert (tmp_path / "out" / "cka_linear-t0.2.png").is_file() and (tmp_path / "out" / "cka_linear-t0.8.png").is_file()
-    with pytest.raises(ValueError, match="--data-path"):
+    with pytest.raises(UserError, match="--data-path"):
         analysis.main(argparse.Namespace(**{**vars(args), "data_path": None}))
-    with pytest.raises(ValueError, match=r"--t must lie in \[0, 1\]"):
+    with pytest.raises(UserError, match=r"--t must lie in \[0, 1\]"):
         analysis.main(argparse.Namespace(**{**vars(args), "t": [1.5]}))
-    with pytest.raises(ValueError, match="more than the 10000 images"):
+    with pytest.raises(UserError, match="more than the 10000 images"):
         analysis.main(argparse.Namespace(**{**vars(args), "num_samples": 20_000}))
 
 
@@ -101,7 +138,7 @@ def test_meanflow_checkpoints_are_analysed_at_r_equal_t(tmp_path):
     model = build_model("SiT-Tiny/4", input_size=8, in_channels=3, num_classes=5, meanflow=True)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
                 "steps": 3}, tmp_path / "mf.pt")
-    args = argparse.Namespace(ckpt=[tmp_path / "mf.pt"], metrics=["cka_linear"], num_samples=4, seed=0,
+    args = argparse.Namespace(ckpt=[tmp_path / "mf.pt"], weights="ema", metrics=["cka_linear"], num_samples=4, seed=0,
                               data_path=None, t=None, out=tmp_path / "out", device="cpu")
     result = analysis.analyse(tmp_path / "mf.pt", args, torch.device("cpu"))
     assert len(result["features"]["trajectory"]["cka_linear"]) == 8

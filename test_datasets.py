@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 from conftest import write_safetensors
+from runtime import UserError, temporary_path
 from data import PreparedDataset, ShapesDataset, center_crop_arr, render_shape, shape_distance
 from vae import encode_images
 
@@ -87,6 +88,15 @@ def test_every_class_draws_a_different_shape():
     for a in range(10):
         for b in range(a):
             assert np.abs(masks[a] - masks[b]).sum() > 255 * 20, (a, b)  # > 20 pixels' worth of difference
+
+
+def test_shapes_classifier_names_held_out_shapes(image_size=16):  # the quick start's size
+    state = torch.get_rng_state()
+    classifier = data.shapes_classifier(image_size, seed=0)
+    assert torch.equal(torch.get_rng_state(), state) and not classifier.training  # the caller's random state kept
+    x, y = next(iter(torch.utils.data.DataLoader(ShapesDataset(500, image_size, seed=1), batch_size=500)))
+    accuracy = (classifier(x).argmax(1) == y).float().mean().item()
+    assert accuracy >= 0.95, accuracy
 
 
 # ---------------------------------------------------------------- preparing a folder
@@ -175,7 +185,7 @@ def test_an_interrupted_preparation_continues_to_the_same_result(prepared, image
         data.main(prepare_args(image_tree, sd_vae[1], out))
     status = np.load(out / data.STATUS)
     assert (status != data.PENDING).sum() == 6 and (status[6:] == data.PENDING).all()  # two batches of 3 done
-    with pytest.raises(RuntimeError, match="only partly prepared"):
+    with pytest.raises(UserError, match="only partly prepared"):
         PreparedDataset(out)
     calls.clear()
     monkeypatch.setattr(data, "encode_images", lambda *a, **k: calls.append(1) or encode_images(*a, **k))
@@ -213,16 +223,62 @@ def test_preparation_refuses_bad_inputs(prepared, image_tree, sd_vae, tmp_path):
         data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "mine"))
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (S, S)).save(tmp_path / "flat" / "a.png")
-    with pytest.raises(FileNotFoundError, match="class folder"):
+    with pytest.raises(UserError, match="class folder"):
         data.main(prepare_args(tmp_path / "flat", sd_vae[1], tmp_path / "out"))
     with pytest.raises(ValueError, match="multiple of 8"):
         data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "out", image_size=20))
-    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+    with pytest.raises(UserError, match="not a prepared dataset"):
         PreparedDataset(tmp_path / "mine")
     (tmp_path / "leftover").mkdir()  # a run stopped while creating its folder is started again, not refused
-    (tmp_path / "leftover" / f"{data.METADATA}.tmp").write_text("{")
+    temporary_path(tmp_path / "leftover" / data.METADATA).write_text("{")
     data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "leftover", images=False))
     assert len(PreparedDataset(tmp_path / "leftover")) == 10
+
+
+def test_open_dataset_names_the_builtin_set_or_a_prepared_folder(prepared):
+    shapes = data.open_dataset(data.BUILTIN_DATA, images=True, builtin_num_images=20, builtin_image_size=16, seed=5)
+    assert isinstance(shapes, ShapesDataset) and len(shapes) == 20 and shapes.input_shape == (3, 16, 16)
+    assert torch.equal(shapes[7][2], ShapesDataset(20, 16, seed=5, images=True)[7][2])
+    folder = data.open_dataset(str(prepared), images=True)
+    assert isinstance(folder, PreparedDataset) and len(folder) == 10 and len(folder[0]) == 3
+
+
+def test_weights_are_checked_before_the_folder_is_created(prepared, image_tree, sd_vae, tmp_path):
+    (tmp_path / "README.md").write_text("# not weights\n")
+    with pytest.raises(UserError, match=f"{tmp_path / 'README.md'} is not SD-VAE weights"):
+        data.main(prepare_args(image_tree, tmp_path / "README.md", tmp_path / "in16"))
+    assert not (tmp_path / "in16").exists()
+    data.main(prepare_args(image_tree, sd_vae[1], tmp_path / "in16"))  # the rerun with the right weights
+    for name, array in read_arrays(prepared).items():
+        np.testing.assert_array_equal(read_arrays(tmp_path / "in16")[name], array, err_msg=name)
+
+
+def test_a_full_disk_names_the_file_leaves_no_temporary_and_the_rerun_continues(image_tree, sd_vae, small_disk):
+    out = small_disk / "in64"  # 64 px: 11 images of 12 KiB (+ 2 KiB of moments), not all of which fit in 80 KiB
+    with open(small_disk / "ballast", "wb", buffering=0) as ballast, pytest.raises(OSError):  # fill the disk
+        while True:
+            ballast.write(bytes(4096))
+    with pytest.raises(UserError, match=f"^no space left while writing {out / data.FILES}$"):
+        data.main(prepare_args(image_tree, sd_vae[1], out, image_size=64))
+    assert list(out.iterdir()) == []  # nothing created is left behind
+    os.truncate(small_disk / "ballast", (small_disk / "ballast").stat().st_size - 80 * 1024)
+    with pytest.raises(UserError, match=f"^no space left while writing {out}/(moments|images).npy; the batches "
+                                        f"written so far are kept"):
+        data.main(prepare_args(image_tree, sd_vae[1], out, image_size=64))
+    status = np.load(out / data.STATUS)
+    assert 0 < (status != data.PENDING).sum() < len(status)  # a part fitted
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    (small_disk / "ballast").unlink()
+    data.main(prepare_args(image_tree, sd_vae[1], out, image_size=64))
+    assert len(PreparedDataset(out)) == 10
+
+
+def test_a_user_error_is_one_line_from_the_script(image_tree, tmp_path):
+    result = subprocess.run([sys.executable, "data.py", "--data-path", str(image_tree), "--out", str(tmp_path / "o"),
+                             "--image-size", "20"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == "error: --image-size must be a multiple of 8 (the VAE's downsampling)\n"
 
 
 def test_a_folder_without_images_cannot_serve_them(image_tree, sd_vae, tmp_path):

@@ -16,6 +16,7 @@ from PIL import Image
 import fid
 from fid import (FIDInception, frechet_distance, inception_score, load_inception, precision_recall,
                  tf1_resize_bilinear)
+from runtime import UserError
 
 PUBLIC_SHAPES = next(iter(json.loads(
     (Path(__file__).parent / "test_data" / "inception_state_dict_shapes.json").read_text()).values()))
@@ -38,6 +39,7 @@ def inception(tmp_path_factory):
 # ---------------------------------------------------------------- Fréchet distance
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # singular covariances are expected here
 def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((500, 6))
@@ -103,6 +105,14 @@ def test_precision_recall_equal_a_brute_force_count():
 
     precision, recall = precision_recall(ref, samples, batch=16)
     assert precision == pytest.approx(brute(ref, samples)) and recall == pytest.approx(brute(samples, ref))
+
+
+def test_norms_round_each_square_to_float16_before_the_sum_as_the_evaluator():
+    # Five coordinates 1 + 2⁻¹⁰: each square, 1 + 2⁻⁹ + 2⁻²⁰, is 1 + 2⁻⁹ in float16 (tf.square), and five of them
+    # make 5 + 2.5·2⁻⁸, halfway between the float16 numbers 5 + 2·2⁻⁸ and 5 + 3·2⁻⁸: the tie goes to the even one.
+    # Squares summed in float32 keep 5·2⁻²⁰ above the tie, and the sum rounds up to 5 + 3·2⁻⁸ instead.
+    x = torch.full((1, 5), 1 + 2 ** -10)
+    assert fid.squared_distances(x, torch.zeros(1, 5)).item() == 5 + 2 * 2 ** -8  # ‖x − 0‖² = ‖x‖²
 
 
 # ---------------------------------------------------------------- the network and its input
@@ -171,18 +181,21 @@ def test_the_pool_branches_average_without_padding_and_the_last_block_takes_a_ma
 def test_weights_load_the_real_way_and_missing_ones_are_an_error(inception, tmp_path, monkeypatch):
     loaded = load_inception(inception[1])
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), inception[0].state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+    with pytest.raises(UserError, match="pt_inception-2015-12-05"):
         load_inception(tmp_path / "missing.pth")
     torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(RuntimeError, match="not the FID Inception"):
-        load_inception(tmp_path / "other.pth")
+    (tmp_path / "notes.md").write_text("# not weights\n")
+    for path in (tmp_path / "other.pth", tmp_path / "notes.md"):
+        with pytest.raises(UserError, match=f"^{path} is not the FID Inception's weights") as error:
+            load_inception(path)
+        assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
 
     def offline(url, dst, hash_prefix=None, progress=True):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(RuntimeError, match="github.com/mseitzer/pytorch-fid.*--inception PATH"):
+    with pytest.raises(UserError, match="github.com/mseitzer/pytorch-fid.*--inception PATH"):
         load_inception()
 
 
@@ -209,32 +222,32 @@ def test_npz_and_folder_inputs_give_the_same_features(inception, tmp_path):
 
 def test_bad_inputs_are_clear_errors(tmp_path):
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8 images of shape"):
+    with pytest.raises(UserError, match="uint8 images of shape"):
         fid.open_source(tmp_path / "float.npz")
     np.savez(tmp_path / "gray.npz", arr_0=np.zeros((2, 8, 8), np.uint8))
-    with pytest.raises(ValueError, match="uint8 images of shape"):
+    with pytest.raises(UserError, match="uint8 images of shape"):
         fid.open_source(tmp_path / "gray.npz")
     np.savez(tmp_path / "other.npz", labels=np.zeros(3))
-    with pytest.raises(ValueError, match="neither images"):
+    with pytest.raises(UserError, match="neither images"):
         fid.open_source(tmp_path / "other.npz")
     np.save(tmp_path / "bare.npy", np.zeros(3))
-    with pytest.raises(ValueError, match="bare .npy"):
+    with pytest.raises(UserError, match="bare .npy"):
         fid.open_source(tmp_path / "bare.npy")
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(UserError, match="not a readable .npz"):
         fid.open_source(tmp_path / "junk.npz")
     np.savez(tmp_path / "half.npz", arr_0=image_batch(), mu=np.zeros(2048))
-    with pytest.raises(ValueError, match="carries only"):
+    with pytest.raises(UserError, match="carries only"):
         fid.open_source(tmp_path / "half.npz")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="neither an .npz file nor a folder"):
         fid.open_source(tmp_path / "nowhere.npz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(UserError, match="holds no images"):
         fid.open_source(tmp_path / "empty")
     (tmp_path / "mixed").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
     Image.new("RGB", (9, 9)).save(tmp_path / "mixed" / "b.png")
-    with pytest.raises(ValueError, match="different sizes"):
+    with pytest.raises(UserError, match="different sizes"):
         list(fid.open_source(tmp_path / "mixed").batches(0, 2, 2))
 
 
@@ -246,7 +259,7 @@ def test_a_truncated_npz_is_an_error(tmp_path):
     (tmp_path / "claim.npz").write_bytes(data.replace(b"(4, 24, 24, 3)", b"(5, 24, 24, 3)"))
     claimed = fid.open_source(tmp_path / "claim.npz")
     assert source.count == 4 and claimed.count == 5
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(UserError, match="truncated"):
         list(claimed.batches(0, 5, 5))
 
 
@@ -255,10 +268,12 @@ def fid_args(ref, samples=None, **changes):
                                  "save_stats": None, "inception": None, "batch_size": 4, "out": None, **changes})
 
 
-def test_the_command_reports_every_metric_and_saved_or_carried_statistics_are_used(inception, tmp_path):
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # singular covariances are expected here
+def test_the_command_reports_every_metric_and_saved_or_carried_statistics_are_used(inception, tmp_path, capsys):
     np.savez(tmp_path / "ref.npz", arr_0=image_batch(6, seed=1))
     np.savez(tmp_path / "samples.npz", arr_0=image_batch(7, seed=2))
     fid.main(fid_args(tmp_path / "ref.npz", tmp_path / "samples.npz", inception=inception[1]))
+    assert "warning: 7 samples against 6 reference images are not comparable" in capsys.readouterr().err
     results = json.loads((tmp_path / "samples.npz.fid.json").read_text())
     ref = fid.extract_features(inception[0], fid.open_source(tmp_path / "ref.npz"), 4)
     samples = fid.extract_features(inception[0], fid.open_source(tmp_path / "samples.npz"), 4)
@@ -278,6 +293,41 @@ def test_the_command_reports_every_metric_and_saved_or_carried_statistics_are_us
     assert moved["fid"] == pytest.approx(results["fid"] + delta @ delta - 2 * delta @ gap, rel=1e-5)
     for metric in ("sfid", "inception_score", "precision", "recall"):
         assert moved[metric] == pytest.approx(results[metric], rel=1e-6), metric
+
+
+def test_inputs_are_checked_before_the_weights_are_loaded_and_too_few_images_are_refused(tmp_path, monkeypatch):
+    def load_inception(*args):
+        raise AssertionError("the weights were loaded (or downloaded) before the inputs were checked")
+    monkeypatch.setattr(fid, "load_inception", load_inception)
+    for n in (1, 2, 3, 4):
+        np.savez(tmp_path / f"{n}.npz", arr_0=image_batch(n))
+    with pytest.raises(UserError, match="nowhere.npz is neither"):
+        fid.main(fid_args(tmp_path / "nowhere.npz", tmp_path / "4.npz"))
+    for ref, samples in [(3, 4), (4, 3)]:  # precision and recall: a point and its 3 nearest neighbours in each set
+        with pytest.raises(UserError, match="3.npz holds 3 image.*precision and recall at least 4 in each set"):
+            fid.main(fid_args(tmp_path / f"{ref}.npz", tmp_path / f"{samples}.npz"))
+    with pytest.raises(UserError, match="1.npz holds 1 image.*FID and sFID need at least 2"):  # a covariance
+        fid.main(fid_args(tmp_path / "1.npz", save_stats=tmp_path / "stats.npz"))
+    for enough in (fid_args(tmp_path / "4.npz", tmp_path / "4.npz"),
+                   fid_args(tmp_path / "2.npz", save_stats=tmp_path / "stats.npz")):
+        with pytest.raises(AssertionError, match="weights were loaded"):
+            fid.main(enough)
+    for wrong in (fid_args(tmp_path / "4.npz"), fid_args(tmp_path / "4.npz", tmp_path / "4.npz", save_stats="s.npz"),
+                  fid_args(tmp_path / "4.npz", tmp_path / "4.npz", batch_size=0)):
+        with pytest.raises(UserError):
+            fid.main(wrong)
+
+
+def test_the_command_prints_a_wrong_weight_file_as_one_line(tmp_path):
+    np.savez(tmp_path / "a.npz", arr_0=image_batch(4))
+    (tmp_path / "README.md").write_text("# not weights\n")
+    command = [sys.executable, "fid.py", "--inception", str(tmp_path / "README.md"), str(tmp_path / "a.npz"),
+               str(tmp_path / "a.npz")]
+    result = subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2
+    assert result.stderr == f"error: {tmp_path / 'README.md'} is not the FID Inception's weights (expected the " \
+                            f"state dict {fid.INCEPTION_URL})\n"
 
 
 def test_statistics_carried_by_an_npz_replace_its_images(tmp_path):

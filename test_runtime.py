@@ -25,6 +25,14 @@ def test_user_error_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == "error: --thing 3 is not a thing\n"
 
 
+def test_a_full_disk_is_one_line_too(capsys):
+    def main(args):
+        raise OSError(errno.ENOSPC, "no space left while writing a.pt")
+    with pytest.raises(SystemExit):
+        run(main, None)
+    assert capsys.readouterr().err == "error: no space left while writing a.pt\n"
+
+
 def test_bugs_keep_their_traceback():
     def main(args):
         raise KeyError("a bug")

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import Image
 
 import sample
 from models import SiT, build_model
+from runtime import UserError
 from sample import (euler_maruyama_sampler, euler_sampler, guidance_at, load_sampling_model, to_uint8,
                     velocity)
 
@@ -177,8 +179,15 @@ def test_loads_bare_sit_and_repa_state_dicts_with_their_time_conventions(tmp_pat
 
 
 def test_checkpoint_errors_say_what_the_file_holds(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="does not exist"):
         load_sampling_model(tmp_path / "missing.pt")
+    (tmp_path / "notes.md").write_text("# not weights\n")
+    with pytest.raises(UserError, match=r"notes.md is not a checkpoint: not a torch file, or a truncated one$"):
+        load_sampling_model(tmp_path / "notes.md")
+    torch.save({"args": argparse.Namespace(model="SiT-B/2")}, tmp_path / "namespace.pt")
+    with pytest.raises(UserError, match=r"namespace.pt .* a torch file holding a pickled argparse.Namespace, which "
+                                        r"does not load safely$"):
+        load_sampling_model(tmp_path / "namespace.pt")
     torch.save({"optimizer": torch.zeros(1), "lr": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a SiT state dict.*optimizer"):
         load_sampling_model(tmp_path / "other.pt")
@@ -245,7 +254,19 @@ def test_fid_batch_writes_pngs_npz_and_settings(pixel_checkpoint, tmp_path):
     assert settings["sampler"] == "sde" and settings["model_evaluations"] == 3 and settings["seed"] == 0
     assert settings["guidance_interval"] == [0.0, 0.7] and settings["cfg_scale"] == 1.5
     assert len(settings["checkpoint_sha256"]) == 64 and settings["num_samples"] == 5
-    assert folder.name.startswith("SiT-Tiny-4-ckpt-ema-sde-3-cfg-1.5-interval-0-0.7-fp32-seed-0")
+    assert folder.name == "SiT-Tiny-4-ckpt-ema-sde3-cfg1.5-interval0-0.7-fp32-seed0"
+
+
+def test_names_say_the_run_and_the_model_once(tmp_path):
+    ckpt = tmp_path / "results" / "000-SiT-Tiny-4-diverse" / "checkpoints" / "0000400.pt"
+    args = sample_args(ckpt, tmp_path, num_steps=50, cfg_scale=4.0, guidance_high=1.0)
+    description = {"model": "SiT-Tiny/4", "in_channels": 3}
+    assert sample.run_name(args, description) == "000-SiT-Tiny-4-diverse-0000400-ema-euler50-cfg4-fp32-seed0"
+    # a file whose name does not say the model keeps it in front: REPA's last.pt
+    args = sample_args(tmp_path / "last.pt", tmp_path, num_steps=50, cfg_scale=1.8, vae="mse")
+    description = {"model": "SiT-XL/2", "in_channels": 4}
+    assert (sample.run_name(args, description)
+            == "SiT-XL-2-last-ema-euler50-cfg1.8-interval0-0.7-vae-mse-fp32-seed0")
 
 
 def test_an_interrupted_run_resumes_to_byte_identical_pngs(pixel_checkpoint, tmp_path, monkeypatch):
@@ -285,17 +306,40 @@ def test_resuming_with_other_settings_is_refused(pixel_checkpoint, tmp_path):
     other = tmp_path / "run"
     other.mkdir()
     save_training_checkpoint(other / "ckpt.pt", random_model(seed=8), random_model(seed=9))  # same name, new weights
-    with pytest.raises(ValueError, match="other settings.*checkpoint"):
+    with pytest.raises(UserError, match="other settings.*checkpoint"):
         sample.main(sample_args(other / "ckpt.pt", tmp_path, num_fid_samples=2))
 
 
-def test_grid_has_one_row_per_class(pixel_checkpoint, tmp_path):
+def test_grid_has_one_row_per_class(pixel_checkpoint, tmp_path, capsys):
     sample.main(sample_args(pixel_checkpoint, tmp_path, num_fid_samples=None, class_labels=[4, 1, 2]))
     grid = next(tmp_path.glob("*-grid-4-1-2-x2.png"))
     assert Image.open(grid).size == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2)  # 2 columns, 3 rows, 2-pixel padding
     assert json.loads((grid.parent / grid.name.replace(".png", ".json")).read_text())["labels"] == [4, 1, 2]
-    with pytest.raises(ValueError, match="class-labels"):
+    # the bar counts images (6, in batches of 2) and shows the network evaluation within a batch (3 Euler steps)
+    out, err = capsys.readouterr()
+    assert re.search(r"sampling: 100%.* 6/6 \[.*evaluation 3/3 of the batch\]", err)
+    assert "classifier" not in out  # not trained on the built-in data
+    with pytest.raises(UserError, match="class-labels"):
         sample.main(sample_args(pixel_checkpoint, tmp_path, num_fid_samples=None, class_labels=[5]))
+
+
+def test_a_grid_of_a_model_trained_on_the_built_in_data_is_checked_by_its_classifier(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": random_model().state_dict(), "ema": random_model().state_dict(),
+                "args": {"model": "SiT-Tiny/4", "data_path": "builtin:shapes"}}, path)
+    # a stand-in for data.shapes_classifier (tested in test_datasets.py, and slow to train) that sees a disk, class 0,
+    # in every 8 × 8 image in [-1, 1]
+    def always_a_disk(image_size):
+        def logits(x):
+            assert x.shape[1:] == (3, image_size, image_size) == (3, 8, 8) and -1 <= x.min() <= x.max() <= 1
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+        return logits
+
+    monkeypatch.setattr(sample, "shapes_classifier", always_a_disk)
+    sample.main(sample_args(path, tmp_path, num_fid_samples=None))
+    # classes 0–4, 2 images each: the 2 of class 0 are recognised
+    assert ("the built-in data's classifier recognises 2/10 samples as their requested shape\n"
+            in capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("changes, error", [({"num_steps": 0}, "--num-steps must be at least 1"),
@@ -303,8 +347,53 @@ def test_grid_has_one_row_per_class(pixel_checkpoint, tmp_path):
                                             ({"class_labels": [1]}, "FID batches draw labels"),
                                             ({"guidance_low": 0.8}, "0 ≤ low ≤ high ≤ 1")])
 def test_bad_settings_are_refused(pixel_checkpoint, tmp_path, changes, error):
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises(UserError, match=error):
         sample.main(sample_args(pixel_checkpoint, tmp_path, **changes))
+
+
+def test_the_settings_record_is_replaced_atomically_and_named_when_damaged(pixel_checkpoint, tmp_path, monkeypatch):
+    sample.main(sample_args(pixel_checkpoint, tmp_path, num_fid_samples=2))
+    folder = run_folder(tmp_path)
+    record = sample.beside(folder, ".json")
+    written = record.read_text()
+    real_write_text = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):  # a run killed halfway through writing the record
+        real_write_text(self, text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(sample_args(pixel_checkpoint, tmp_path, num_fid_samples=2))
+    monkeypatch.undo()
+    assert record.read_text() == written  # and no temporary is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, record.name, f"{folder.name}.npz"]
+    record.write_text(written[:40])  # damaged by an earlier version, which wrote it in place
+    with pytest.raises(UserError, match=f"{re.escape(str(record))} is damaged"):
+        sample.main(sample_args(pixel_checkpoint, tmp_path, num_fid_samples=2))
+
+
+@pytest.mark.parametrize("write", ["grid", "png", "npz", "json"])
+def test_a_full_disk_names_the_file_and_leaves_no_temporary(small_disk, tmp_path, write):
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    for i, image in enumerate(images):  # the PNGs an .npz is packed from, on a disk with room
+        sample.save_png(image, tmp_path / f"{i:06d}.png")
+    with open(small_disk / "ballast", "wb", buffering=0) as ballast, pytest.raises(OSError):  # fill the disk
+        while True:
+            ballast.write(bytes(4096))
+    path = small_disk / f"out.{'npz' if write == 'npz' else 'json' if write == 'json' else 'png'}"
+    with pytest.raises(OSError, match=f"no space left while writing {re.escape(str(path))}$"):
+        {"grid": lambda: sample.save_grid(images, 2, path), "png": lambda: sample.save_png(images[0], path),
+         "npz": lambda: sample.write_npz(tmp_path, 2, path), "json": lambda: sample.save_json({"a": 1}, path)}[write]()
+    assert [p.name for p in small_disk.iterdir()] == ["ballast"]
+
+
+def test_a_user_error_is_one_line_from_the_script(tmp_path):
+    (tmp_path / "notes.md").write_text("# not weights\n")
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "notes.md")],
+                            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {tmp_path / 'notes.md'} is not a checkpoint: not a torch file, or a truncated one\n"
 
 
 def test_bf16_sampling_stays_close_to_float32(pixel_checkpoint, tmp_path):
@@ -318,7 +407,7 @@ def test_the_sde_is_refused_for_a_cosine_path_model(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": random_model().state_dict(), "ema": random_model().state_dict(),
                 "args": {"model": "SiT-Tiny/4", "path_type": "cosine"}}, path)
-    with pytest.raises(ValueError, match="cosine path"):
+    with pytest.raises(UserError, match="cosine path"):
         sample.main(sample_args(path, tmp_path, sampler="sde"))
 
 

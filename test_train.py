@@ -1,4 +1,5 @@
 """CPU checks of train.py: exact resume, the loss line, fault handling, bad input, DDP, the README quick start."""
+import io
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from runtime import UserError
 from train import DINOv2Target, ResumableSampler, parse_args, resample_pos_embed
 
 TINY_RUN = ["--model", "SiT-Tiny/4", "--data-path", "builtin:shapes", "--builtin-image-size", "16",
@@ -120,6 +122,9 @@ def test_training_writes_the_dit_layout(tmp_path):
     assert run_dir.name == "000-SiT-Tiny-4-diverse"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000004.pt"]  # 2 pruned
     assert (run_dir / "samples" / "0000004.png").is_file() and "saved" in (run_dir / "log.txt").read_text()
+    log = (run_dir / "log.txt").read_text()
+    assert "sampling the EMA preview grid (32 images, 50 steps)" in log
+    assert log.count("EMA decay 0.9999 averages over about 10,000 steps, more than this run's 4") == 1
     record = json.loads((run_dir / "args.json").read_text())
     assert record["long_residual"] and record["diversity_loss"] and record["versions"]["torch"] == torch.__version__
     assert "code" in record and record["data_kind"] == "pixel"
@@ -148,7 +153,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
 def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown model 'SiT-M/2'"):
         run(tmp_path, "--model", "SiT-M/2")
-    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+    with pytest.raises(UserError, match="not a prepared dataset"):
         run(tmp_path, "--data-path", str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         train.local_batch_size(256, 3)
@@ -161,13 +166,102 @@ def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
         run(tmp_path, "--diverse", "--max-steps", "4", "--resume", str(first))
     with pytest.raises(ValueError, match="model: 'SiT-Tiny/4' in the checkpoint, 'SiT-S/4' now"):
         run(tmp_path, "--model", "SiT-S/4", "--max-steps", "4", "--resume", str(first))
-    with pytest.raises(FileNotFoundError, match="neither a run directory nor a checkpoint"):
+    with pytest.raises(UserError, match="neither a run directory nor a checkpoint"):
         run(tmp_path, "--resume", str(tmp_path / "missing.pt"))
+
+
+def test_a_user_error_is_one_line_from_the_command_line(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "0000002.pt").write_bytes(os.urandom(1000))
+    for flags, message in [(["--model", "SiT-M/2"], "unknown model 'SiT-M/2'"),
+                           (["--resume", str(tmp_path / "checkpoints" / "0000002.pt")], "does not load")]:
+        result = subprocess.run([sys.executable, "train.py", *TINY_RUN, "--results-dir", str(tmp_path), *flags],
+                                cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
+        assert result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # no run folder for a refused run
+
+
+DAMAGE = {"truncated": lambda data: data[:len(data) // 2], "empty": lambda data: b"",
+          "random bytes": lambda data: os.urandom(len(data))}
+
+
+def test_a_damaged_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_one_before(tmp_path):
+    first = run(tmp_path, "--max-steps", "4", "--save-every", "2")
+    folder = first / "checkpoints"
+    good = (folder / "0000004.pt").read_bytes()
+    for kind, damage in DAMAGE.items():
+        (folder / "0000004.pt").write_bytes(damage(good))
+        with pytest.raises(UserError, match=f"--resume {folder / '0000004.pt'} does not load as a checkpoint"):
+            parse_args(["--resume", str(folder / "0000004.pt")])
+        assert parse_args(["--resume", str(first)]).max_steps == 4  # the defaults from 0000002.pt, nothing moved
+        assert (folder / "0000004.pt").is_file(), kind
+    (folder / ".0000006.pt.tmp").write_bytes(b"a write cut short")
+    train.main(parse_args(["--resume", str(first), "--max-steps", "4"]))
+    log = (first / "log.txt").read_text()
+    assert f"{folder / '0000004.pt'} does not load (cut short or damaged): set aside as 0000004.pt.damaged" in log
+    assert f"removed {folder / '.0000006.pt.tmp'}" in log and f"resumed from {folder / '0000002.pt'} at step 2" in log
+    assert sorted(p.name for p in folder.iterdir()) == ["0000002.pt", "0000004.pt", "0000004.pt.damaged"]
+    assert_same_state(load(folder / "0000004.pt"), torch.load(io.BytesIO(good), weights_only=True))
+    (folder / "0000002.pt").write_bytes(b"")
+    (folder / "0000004.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=f"none of the checkpoints in {folder} loads"):
+        train.load_checkpoint(str(first), tmp_path, repair=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["0000002.pt.damaged", "0000004.pt.damaged"]
+
+
+def test_a_run_may_be_named_by_its_number(tmp_path):
+    (tmp_path / "000-SiT-B-2-sit" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "003-SiT-B-2-diverse" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "003-SiT-B-2-diverse" / "checkpoints" / "0000002.pt").touch()
+    run_dir = tmp_path / "003-SiT-B-2-diverse"
+    assert train.checkpoints_to_try("3", tmp_path) == ([run_dir / "checkpoints" / "0000002.pt"], run_dir)
+    assert train.checkpoints_to_try(str(tmp_path / "003"), "results")[1] == run_dir
+    with pytest.raises(UserError, match="0 runs numbered 007 in"):
+        train.checkpoints_to_try("7", tmp_path)
+    (tmp_path / "003-SiT-B-2-sit").mkdir()
+    with pytest.raises(UserError, match="2 runs numbered 003 in .*, 003-SiT-B-2-diverse, 003-SiT-B-2-sit"):
+        train.checkpoints_to_try("003", tmp_path)
+
+
+def test_a_run_killed_before_its_first_checkpoint_loses_its_temporary_on_resume(tmp_path):
+    folder = tmp_path / "000-SiT-B-2-sit" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / ".0000010.pt.tmp").write_bytes(b"a write cut short")
+    with pytest.raises(UserError, match="no checkpoints in .*; removed .0000010.pt.tmp, the temporary of a write"):
+        train.checkpoints_to_try("0", tmp_path)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_full_disk_names_the_checkpoint_kept_and_leaves_no_temporary(small_disk):
+    train.save_atomically({"w": torch.zeros(10)}, small_disk / "0000002.pt")
+    with pytest.raises(UserError, match=f"^no space left while writing {small_disk / '0000004.pt'}; the last "
+                                        f"checkpoint \\({small_disk / '0000002.pt'}\\) is intact$"):
+        train.save_atomically({"w": torch.zeros(1_000_000)}, small_disk / "0000004.pt")
+    assert [p.name for p in small_disk.iterdir()] == ["0000002.pt"]
+
+
+def test_meanflow_logs_its_unweighted_squared_error(monkeypatch):
+    u_pred, u_target = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    monkeypatch.setattr(train, "meanflow_prediction", lambda *args: (u_pred, u_target, None))
+    args = train.resolve_args(parse_args(TINY_RUN + ["--meanflow"]))
+    x, y = torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+    terms = train.training_losses(None, None, None, None, x, y, None, args, ())
+    torch.testing.assert_close(terms["mf_mse"], ((u_pred - u_target) ** 2).mean())
+    assert "mf_mse" in train.LOGGED and terms["fm"] < 1  # fm: the weighted loss, l2 / (l2 + c)
+
+
+def test_help_shows_every_default():
+    text = " ".join(train.build_parser().format_help().split())
+    assert "(the paper's Tables 1, 4, 6–9) (default: 400000)" in text
+    assert "constant (the paper, REPA) (default: 0.0001)" in text
+    assert "(default: None)" not in text  # those defaults are decided at run time, as their help says
 
 
 def test_repa_needs_images_and_real_runs_need_dinov2_sized_images(tmp_path):
     with pytest.raises(ValueError, match="256 or 512 px"):
         run(tmp_path, "--repa", "--encoder-depth", "2")  # the real loader: 16-px shapes are refused
+    assert list(tmp_path.iterdir()) == []  # before the run folder is made
     with pytest.raises(ValueError, match="model has 64 tokens and DINOv2 256"):
         train.load_dinov2(256, 64)  # SiT-*/4 at 256 px: refused before anything is downloaded
     with pytest.raises(ValueError, match="fewer than one global batch"):

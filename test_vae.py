@@ -1,6 +1,8 @@
 """CPU checks of vae.py: the public layout, the weight formats, encoding and decoding."""
 import json
 import struct
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import torch
 
 import vae as vae_module
 from conftest import write_safetensors
+from runtime import UserError
 from vae import (LATENT_SCALE, AutoencoderKL, decode_latents, encode_images, load_vae, read_safetensors,
                  sample_latents)
 
@@ -163,14 +166,24 @@ def test_load_vae_refuses_other_state_dicts(sd_vae, tmp_path):
     state_dict = dict(sd_vae[0].state_dict())
     del state_dict["decoder.conv_out.bias"]
     write_safetensors(state_dict, tmp_path / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(RuntimeError, match="(?s)not an SD-VAE.*Missing.*decoder.conv_out.bias"):
+    with pytest.raises(UserError, match="not an SD-VAE.*Missing.*decoder.conv_out.bias"):
         load_vae(str(tmp_path))
 
 
+def test_a_file_that_is_not_weights_is_named_in_one_line(tmp_path):
+    (tmp_path / "README.md").write_text("# a project\n")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'README.md'} is not SD-VAE weights: expected a .safetensors"):
+        load_vae(str(tmp_path / "README.md"))
+    result = subprocess.run([sys.executable, "vae.py", "--vae", str(tmp_path / "README.md")],
+                            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "weights_only" not in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'README.md'} is not SD-VAE weights")
+
+
 def test_missing_weights_are_errors_not_random_weights(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="neither 'ema', 'mse'"):
+    with pytest.raises(UserError, match="neither 'ema', 'mse'"):
         load_vae(str(tmp_path / "nowhere.safetensors"))
-    with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model"):
+    with pytest.raises(UserError, match="no diffusion_pytorch_model"):
         load_vae(str(tmp_path))
     # No network: the error names the URL and the flag for a local file.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -179,8 +192,9 @@ def test_missing_weights_are_errors_not_random_weights(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(RuntimeError, match=r"huggingface.co/stabilityai/sd-vae-ft-ema/.*--vae PATH"):
+    with pytest.raises(UserError, match=r"huggingface.co/stabilityai/sd-vae-ft-ema/.*--vae PATH"):
         load_vae("ema")
+    assert not (tmp_path / "hub").exists()  # not even an empty folder is left in the cache
 
 
 def test_named_weights_come_from_the_hub_cache(sd_vae, tmp_path, monkeypatch):

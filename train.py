@@ -13,6 +13,7 @@ every --sample-every steps, samples/NNNNNNN.png (an EMA grid). `--resume RUN_DIR
 """
 import argparse
 import copy
+import errno
 import json
 import logging
 import math
@@ -21,6 +22,85 @@ import re
 import sys
 import time
 from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every default (None: decided at run time, as the flag's help says) and the description as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser():
+    """The flags, from the standard library only: --help answers before torch is imported."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # What to train on and where to write
+    p.add_argument("--model", default="SiT-B/2", help="SiT-{S,B,L,XL,Tiny}/{2,4,8} (models.SiT_models)")
+    p.add_argument("--data-path", default=None, help="a folder prepared by data.py, or builtin:shapes")
+    p.add_argument("--builtin-image-size", type=int, default=32, help="image size of builtin:shapes")
+    p.add_argument("--builtin-num-images", type=int, default=10_000, help="number of images of builtin:shapes")
+    p.add_argument("--results-dir", default="results", help="where the numbered run folders go")
+    p.add_argument("--resume", default=None, help="a run folder (its newest checkpoint that loads), its number alone "
+                                                  "(3, or results/003), or one of its checkpoints")
+    # Method switches
+    p.add_argument("--diverse", action="store_true", help="DiverseDiT: --long-residual and --diversity-loss")
+    p.add_argument("--long-residual", action="store_true", help="long residual connections (paper Sec. 3.1)")
+    p.add_argument("--diversity-loss", action="store_true", help="L_div with its adaptive weight (paper Sec. 3.2)")
+    p.add_argument("--repa", action="store_true", help="REPA: align a block to DINOv2-B/14 patch tokens")
+    p.add_argument("--encoder-depth", type=int, default=None, help="REPA's aligned block (default: the paper's "
+                                                                    "Table A1, 5 for B, 8 for L and XL)")
+    p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA's λ (REPA, the paper)")
+    p.add_argument("--projector-dim", type=int, default=2048, help="REPA projector's hidden width (REPA)")
+    p.add_argument("--disp", action="store_true", help="DispLoss (Wang & He), PyTorch release settings")
+    p.add_argument("--disp-coeff", type=float, default=0.25, help="DispLoss λ (its PyTorch release)")
+    p.add_argument("--disp-tau", type=float, default=1.0, help="DispLoss τ (its PyTorch release)")
+    p.add_argument("--disp-block", type=int, default=None, help="DispLoss block, 1-indexed (default: the last)")
+    p.add_argument("--sra", action="store_true", help="SRA: align a block to the EMA teacher's deeper block")
+    p.add_argument("--sra-coeff", type=float, default=0.2, help="SRA's weight (its paper, 256 px)")
+    p.add_argument("--sra-beta", type=float, default=0.05, help="SRA's smooth-L1 β (its paper)")
+    p.add_argument("--sra-t-max", type=float, default=0.2, help="SRA teacher time offset: t − t_max·U(0, 1) (SRA)")
+    p.add_argument("--sra-student-block", type=int, default=None, help="default: 4 for B, 8 for XL (SRA)")
+    p.add_argument("--sra-teacher-block", type=int, default=None, help="default: 8 for B, 20 for XL (SRA)")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG (DiT, SiT, REPA)")
+    p.add_argument("--meanflow", action="store_true", help="MeanFlow's objective (one-step generation)")
+    p.add_argument("--mf-omega", type=float, default=1.0, help="MeanFlow guidance ω in training (official B/2: 1)")
+    p.add_argument("--mf-kappa", type=float, default=0.5, help="MeanFlow guidance κ in training (official B/2: 0.5)")
+    p.add_argument("--mf-t-start", type=float, default=0.0, help="MeanFlow: guide the target where t ≥ this")
+    p.add_argument("--mf-t-end", type=float, default=1.0, help="MeanFlow: and t ≤ this (official B/2: [0, 1])")
+    p.add_argument("--learn-sigma", action="store_true", help="SiT's 2·C outputs (only for SiT-compatible weights)")
+    p.add_argument("--path-type", choices=["linear", "cosine"], default="linear", help="interpolant (REPA: linear)")
+    p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t sampling (REPA)")
+    # Optimisation: REPA's and the authors' release's defaults (the paper: AdamW, lr 1e-4, batch 256, 400K steps)
+    p.add_argument("--max-steps", type=int, default=400_000, help="(the paper's Tables 1, 4, 6–9)")
+    p.add_argument("--global-batch-size", type=int, default=256, help="split over the processes (the paper)")
+    p.add_argument("--lr", type=float, default=1e-4, help="constant (the paper, REPA)")
+    p.add_argument("--beta1", type=float, default=0.9, help="(the paper)")
+    p.add_argument("--beta2", type=float, default=None, help="default 0.999 (the paper), 0.95 with --meanflow "
+                                                               "(MeanFlow's official code)")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="(REPA)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="(the paper: without decay)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (REPA)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="(DiT, SiT, REPA)")
+    p.add_argument("--global-seed", type=int, default=0, help="(REPA's README command: 0)")
+    # Speed
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    p.add_argument("--num-workers", type=int, default=4, help="data loading processes per rank")
+    # Logging, checkpoints, previews
+    p.add_argument("--log-every", type=int, default=100, help="(REPA)")
+    p.add_argument("--ckpt-every", type=int, default=50_000, help="milestone checkpoints, all kept (REPA)")
+    p.add_argument("--save-every", type=int, default=5_000, help="checkpoints for resuming, the last --keep-last kept")
+    p.add_argument("--keep-last", type=int, default=2, help="resume checkpoints kept")
+    p.add_argument("--sample-every", type=int, default=10_000, help="EMA preview grid every N steps, 0: never (REPA)")
+    p.add_argument("--sample-cfg-scale", type=float, default=4.0, help="preview guidance (SiT / REPA previews: 4)")
+    p.add_argument("--vae", default="ema", help="decoder for latent previews: 'ema', 'mse' or a path")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
 
 import numpy as np
 import torch
@@ -32,16 +112,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import PreparedDataset, ShapesDataset
+from data import BUILTIN_DATA, open_dataset
 from losses import (adaptive_weight, dispersive_loss, diversity_loss, diversity_pairs, flow_matching_loss,
                     interpolate, meanflow_loss, meanflow_target, repa_loss, sample_meanflow_times, sample_time,
                     sra_loss, sra_teacher_time)
 from models import SIT_SIZES, SiT_models, build_model
-from runtime import barrier, close_distributed, git_commit, init_distributed, replace_atomically
+from runtime import UserError, barrier, close_distributed, git_commit, init_distributed, replace_atomically, run
 from sample import GRID_CLASSES, generate, save_grid
 from vae import load_vae, sample_latents
 
-BUILTIN_DATA = "builtin:shapes"  # --data-path for the built-in dataset (data.ShapesDataset, pixel space)
 # REPA alignment depth: the paper's Table A1 (5 for B, 8 for L and XL). Other sizes need --encoder-depth.
 ENCODER_DEPTH = {"B": 5, "L": 8, "XL": 8}
 # SRA (student block, teacher block), 1-indexed: SRA's code defaults (depth 12, the B model of the paper's
@@ -55,7 +134,7 @@ RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "num_sam
                      "disp", "disp_block", "sra", "sra_student_block", "sra_teacher_block", "path_type", "weighting",
                      "learn_sigma", "class_dropout_prob", "ckpt_every", "meanflow", "mf_omega", "mf_kappa",
                      "mf_t_start", "mf_t_end")
-TERMS = ("fm", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disp", "sra")  # what training_losses returns
+TERMS = ("fm", "mf_mse", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disp", "sra")  # of training_losses
 LOGGED = ("loss", *TERMS, "grad_norm")  # every --log-every steps, averaged over steps and processes
 
 
@@ -105,18 +184,18 @@ def load_dinov2(image_size, num_tokens):
     which REPA aligns index to index with DINOv2's patches.
     """
     if image_size % 256:
-        raise ValueError(f"REPA's DINOv2 target needs images of 256 or 512 px (224·S/256 pixels, 16·S/256 patches "
+        raise UserError(f"REPA's DINOv2 target needs images of 256 or 512 px (224·S/256 pixels, 16·S/256 patches "
                          f"per side), got {image_size}")
     grid = 16 * (image_size // 256)
     if num_tokens != grid * grid:
-        raise ValueError(f"REPA aligns token i with DINOv2 patch i, but the model has {num_tokens} tokens and "
+        raise UserError(f"REPA aligns token i with DINOv2 patch i, but the model has {num_tokens} tokens and "
                          f"DINOv2 {grid * grid} at {image_size} px: use patch size 2")
     try:
         if dist.is_initialized() and dist.get_rank() != 0:
             barrier()  # rank 0 fills the cache first
         encoder = torch.hub.load(*DINOV2, trust_repo=True)
     except Exception as e:  # no network, no cached copy, GitHub rate limits…
-        raise RuntimeError(f"could not load {DINOV2[1]} through torch.hub ({e}). Run once where GitHub is reachable "
+        raise UserError(f"could not load {DINOV2[1]} through torch.hub ({e}). Run once where GitHub is reachable "
                            f"to fill the hub cache ({torch.hub.get_dir()}), then train with the same TORCH_HOME."
                            ) from None
     finally:
@@ -159,12 +238,6 @@ class ResumableSampler(torch.utils.data.Sampler):
         used = order[:self.batches_per_epoch * self.local_batch * self.world_size]
         mine = used[self.rank::self.world_size]
         return iter(mine[self.first_batch * self.local_batch:].tolist())
-
-
-def open_dataset(args):
-    if args.data_path == BUILTIN_DATA:
-        return ShapesDataset(args.builtin_num_images, args.builtin_image_size, seed=args.global_seed, images=args.repa)
-    return PreparedDataset(args.data_path, images=args.repa)  # clear errors: missing, incomplete, no images
 
 
 #################################################################################
@@ -225,7 +298,8 @@ def training_losses(model, raw_model, teacher, encoder, x, y, images, args, pair
     if args.meanflow:
         with autocast:
             u_pred, u_target, feats = meanflow_prediction(model, raw_model, x, eps, y, args)
-        terms["fm"] = meanflow_loss(u_pred, u_target).mean()
+        terms["fm"] = meanflow_loss(u_pred, u_target).mean()  # ≈ 1 by its adaptive weight: it does not fall
+        terms["mf_mse"] = (u_pred.float() - u_target.float()).pow(2).mean()  # unweighted: the error that falls
     else:
         t = sample_time(len(x), args.weighting, args.path_type, device=x.device)  # (N,)
         x_t, v = interpolate(x, eps, t, args.path_type)
@@ -266,16 +340,26 @@ def total_loss(terms, args):
 #################################################################################
 
 def save_atomically(obj, path):
-    """torch.save to a temporary file, flushed to disk, then renamed: a run killed (or a machine that loses power)
-    at any moment leaves the old file intact."""
-    with replace_atomically(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """torch.save through runtime.replace_atomically, flushed to disk: a run killed (or a machine that loses power)
+    at any moment leaves the old file intact. A full disk is one line that names the checkpoint still intact."""
+    try:
+        with replace_atomically(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"{e.strerror}; the last checkpoint ({last_checkpoint(path.parent)}) is intact") from None
 
 
 def checkpoint_steps(folder):
     return sorted(int(p.stem) for p in folder.glob("*.pt") if p.stem.isdigit())
+
+
+def last_checkpoint(folder):
+    steps = checkpoint_steps(folder)
+    return folder / f"{steps[-1]:07d}.pt" if steps else "none"
 
 
 def prune_checkpoints(folder, keep_last, milestone_every):
@@ -285,30 +369,63 @@ def prune_checkpoints(folder, keep_last, milestone_every):
             (folder / f"{step:07d}.pt").unlink()
 
 
-def resolve_checkpoint(resume):
-    """--resume RUN_DIR (its latest checkpoint) or a checkpoint file → (checkpoint path, run directory)."""
+def checkpoints_to_try(resume, results_dir):
+    """--resume → (checkpoint paths, newest first; run directory). A run directory gives all of its checkpoints;
+    it may be named by its number alone: `--resume 3` (in --results-dir) or `--resume results/003`."""
     path = Path(resume)
+    if not path.exists() and path.name.isdigit():
+        folder = Path(results_dir) if path.parent == Path(".") else path.parent
+        runs = sorted(folder.glob(f"{int(path.name):03d}-*"))
+        if len(runs) != 1:
+            raise UserError(f"--resume {resume}: {len(runs)} runs numbered {int(path.name):03d} in {folder}"
+                            + "".join(f", {r.name}" for r in runs))
+        path = runs[0]
     if path.is_dir():
         steps = checkpoint_steps(path / "checkpoints")
-        if not steps:
-            raise FileNotFoundError(f"--resume {path}: no checkpoints in {path / 'checkpoints'}")
-        return path / "checkpoints" / f"{steps[-1]:07d}.pt", path
+        if not steps:  # nothing to resume; a write cut short may have left a large temporary: remove it
+            stale = sorted((path / "checkpoints").glob(".*.tmp"))
+            for tmp in stale:
+                tmp.unlink()
+            raise UserError(f"--resume {path}: no checkpoints in {path / 'checkpoints'} (it stopped before its first)"
+                            + "".join(f"; removed {tmp.name}, the temporary of a write cut short" for tmp in stale))
+        return [path / "checkpoints" / f"{s:07d}.pt" for s in reversed(steps)], path
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {path} is neither a run directory nor a checkpoint file")
+        raise UserError(f"--resume {path} is neither a run directory nor a checkpoint file")
     if path.parent.name != "checkpoints":
-        raise ValueError(f"--resume {path}: a checkpoint is resumed inside its run (RUN_DIR/checkpoints/NNNNNNN.pt)")
+        raise UserError(f"--resume {path}: a checkpoint is resumed inside its run (RUN_DIR/checkpoints/NNNNNNN.pt)")
     newer = [s for s in checkpoint_steps(path.parent) if path.stem.isdigit() and s > int(path.stem)]
     if newer:
-        raise ValueError(f"--resume {path}: the run has newer checkpoints ({', '.join(f'{s:07d}' for s in newer)}); "
-                         f"resume from the newest, or move those away first")
-    return path, path.parent.parent
+        raise UserError(f"--resume {path}: the run has newer checkpoints ({', '.join(f'{s:07d}' for s in newer)}); "
+                        f"resume from the newest, or move those away first")
+    return [path], path.parent.parent
+
+
+def load_checkpoint(resume, results_dir, repair=False):
+    """--resume → (checkpoint, its path, run directory, notes for the log). From a run directory, its newest
+    checkpoint that loads. With `repair` (rank 0 of the run), one that does not (cut short, damaged) is renamed to
+    NAME.damaged, kept for inspection but out of the way, and the temporaries of writes cut short are removed."""
+    paths, run_dir = checkpoints_to_try(resume, results_dir)
+    notes = []
+    for tmp in sorted((run_dir / "checkpoints").glob(".*.tmp")) if repair else []:
+        tmp.unlink()
+        notes.append(f"removed {tmp}, the temporary file of a checkpoint write cut short")
+    for path in paths:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), path, run_dir, notes
+        except Exception:  # torch's messages for a cut or damaged file neither name it nor say so
+            if Path(resume).is_file():
+                raise UserError(f"--resume {path} does not load as a checkpoint (cut short or damaged)") from None
+            if repair:
+                path.rename(path.with_name(path.name + ".damaged"))
+                notes.append(f"{path} does not load (cut short or damaged): set aside as {path.name}.damaged")
+    raise UserError(f"--resume {resume}: none of the checkpoints in {run_dir / 'checkpoints'} loads")
 
 
 def check_resumable(saved, args):
     changed = [f"{key}: {saved.get(key)!r} in the checkpoint, {getattr(args, key)!r} now" for key in RESUME_MUST_MATCH
                if saved.get(key) != getattr(args, key)]
     if changed:
-        raise ValueError("cannot resume a run with other settings: " + "; ".join(changed))
+        raise UserError("cannot resume a run with other settings: " + "; ".join(changed))
 
 
 def new_run_dir(results_dir, args):
@@ -382,14 +499,14 @@ def all_gather(obj, world_size):
 def resolve_args(args):
     """Fill in the per-size defaults and refuse bad combinations, before any heavy work."""
     if args.model not in SiT_models:
-        raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(SiT_models)}")
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(SiT_models)}")
     size = args.model.split("-")[1].split("/")[0]
     depth = SIT_SIZES[size][0]
     args.long_residual = args.long_residual or args.diverse
     args.diversity_loss = args.diversity_loss or args.diverse
     if args.repa and args.encoder_depth is None:
         if size not in ENCODER_DEPTH:
-            raise ValueError(f"--repa on {args.model}: give --encoder-depth (the paper's Table A1 covers B, L, XL)")
+            raise UserError(f"--repa on {args.model}: give --encoder-depth (the paper's Table A1 covers B, L, XL)")
         args.encoder_depth = ENCODER_DEPTH[size]
     if not args.repa:
         args.encoder_depth = None
@@ -398,7 +515,7 @@ def resolve_args(args):
         args.sra_student_block = args.sra_student_block or default[0]
         args.sra_teacher_block = args.sra_teacher_block or default[1]
         if args.sra_student_block is None or args.sra_teacher_block is None:
-            raise ValueError(f"--sra on {args.model}: give --sra-student-block and --sra-teacher-block "
+            raise UserError(f"--sra on {args.model}: give --sra-student-block and --sra-teacher-block "
                              f"(defaults exist for {', '.join(SRA_BLOCKS)})")
     else:
         args.sra_student_block = args.sra_teacher_block = None
@@ -406,21 +523,21 @@ def resolve_args(args):
     for flag, block in [("--disp-block", args.disp_block), ("--sra-student-block", args.sra_student_block),
                         ("--sra-teacher-block", args.sra_teacher_block), ("--encoder-depth", args.encoder_depth)]:
         if block is not None and not 1 <= block <= depth:
-            raise ValueError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
+            raise UserError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
     if args.meanflow and (args.repa or args.disp or args.sra or args.learn_sigma or args.path_type != "linear"):
-        raise ValueError("--meanflow combines with --diverse (as in the paper), not with --repa, --disp, --sra, "
+        raise UserError("--meanflow combines with --diverse (as in the paper), not with --repa, --disp, --sra, "
                          "--learn-sigma or another path")
     if args.meanflow and (args.mf_omega != 1.0 or args.mf_kappa != 0.0) and args.class_dropout_prob == 0:
-        raise ValueError("MeanFlow's guidance in training needs the null class: --class-dropout-prob > 0, or "
+        raise UserError("MeanFlow's guidance in training needs the null class: --class-dropout-prob > 0, or "
                          "--mf-omega 1 --mf-kappa 0")
     args.beta2 = args.beta2 if args.beta2 is not None else (0.95 if args.meanflow else 0.999)
     if args.keep_last < 1:
-        raise ValueError("--keep-last must be at least 1: the newest checkpoint is what --resume continues from")
+        raise UserError("--keep-last must be at least 1: the newest checkpoint is what --resume continues from")
     for flag in ("log_every", "save_every", "ckpt_every", "max_steps", "global_batch_size"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.data_path is None:
-        raise ValueError(f"--data-path is required (a folder prepared by data.py, or {BUILTIN_DATA})")
+        raise UserError(f"--data-path is required (a folder prepared by data.py, or {BUILTIN_DATA})")
     cuda = torch.cuda.is_available()
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.compile = cuda if args.compile is None else args.compile
@@ -429,7 +546,7 @@ def resolve_args(args):
 
 def local_batch_size(global_batch_size, world_size):
     if global_batch_size % world_size:
-        raise ValueError(f"--global-batch-size {global_batch_size} is not divisible by {world_size} processes")
+        raise UserError(f"--global-batch-size {global_batch_size} is not divisible by {world_size} processes")
     return global_batch_size // world_size
 
 
@@ -439,32 +556,39 @@ def main(args):
     local_batch = local_batch_size(args.global_batch_size, world_size)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
-    dataset = open_dataset(args)
+    dataset = open_dataset(args.data_path, images=args.repa, builtin_num_images=args.builtin_num_images,
+                           builtin_image_size=args.builtin_image_size, seed=args.global_seed)
     args.data_kind = "latent" if dataset.latent else "pixel"
     args.image_size, args.num_classes, args.num_samples = dataset.image_size, dataset.num_classes, len(dataset)
     if len(dataset) < args.global_batch_size:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
-                         f"({args.global_batch_size})")
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                        f"({args.global_batch_size})")
 
     # Resume: find the checkpoint first, so that a mismatch is refused before anything heavy is built.
-    ckpt = None
+    ckpt, notes = None, []
     if args.resume:
-        ckpt_path, run_dir = resolve_checkpoint(args.resume)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt, ckpt_path, run_dir, notes = load_checkpoint(args.resume, args.results_dir, repair=rank == 0)
         check_resumable(ckpt["args"], args)
-    # Rank 0's own work (the VAE for previews, the run folder) comes before the first collective, so that its
-    # errors end the run instead of leaving the other ranks waiting. The VAE is built before any seeding: its
-    # initialisation would otherwise draw on the training stream and break exact resumption.
+    # Rank 0's own work (the VAE for previews) comes before the first collective, so that its errors end the run
+    # instead of leaving the other ranks waiting. The VAE is built before any seeding: its initialisation would
+    # otherwise draw on the training stream and break exact resumption.
     vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
-    if not args.resume:
+    C, H, _ = dataset.input_shape
+    patch = int(args.model.rsplit("/", 1)[1])
+    encoder = load_dinov2(args.image_size, (H // patch) ** 2).to(device) if args.repa else None
+    if not args.resume:  # only now, after every check: a refused run leaves no folder behind
         run_dir = new_run_dir(Path(args.results_dir), args) if rank == 0 else None
         run_dir = Path(all_gather(str(run_dir) if rank == 0 else None, world_size)[0])
     logger = create_logger(run_dir, rank)
     logger.info(f"code {git_commit()}, torch {torch.__version__}" + (f"; resuming {ckpt_path}" if ckpt else ""))
+    for note in notes:
+        logger.info(note)
+    horizon = 1 / (1 - args.ema_decay) if args.ema_decay < 1 else math.inf
+    if args.max_steps < horizon:
+        logger.info(f"EMA decay {args.ema_decay} averages over about {horizon:,.0f} steps, more than this run's "
+                    f"{args.max_steps:,}: the EMA weights (previews, checkpoints) will still show mostly the initial "
+                    f"network; use e.g. --ema-decay 0.99 for short runs")
 
-    C, H, _ = dataset.input_shape
-    patch = int(args.model.rsplit("/", 1)[1])
-    encoder = load_dinov2(args.image_size, (H // patch) ** 2).to(device) if args.repa else None
     # The same initial weights on every rank; then each rank its own random stream (DiT: seed·world + rank).
     torch.manual_seed(args.global_seed)
     model = build_model(args.model, input_size=H, in_channels=C, num_classes=dataset.num_classes,
@@ -534,6 +658,7 @@ def main(args):
             labels = torch.tensor([c for c in classes for _ in range(4)])
             settings = (dict(sampler="meanflow", num_steps=1) if args.meanflow  # guidance is trained in
                         else dict(num_steps=50, cfg_scale=args.sample_cfg_scale))
+            logger.info(f"sampling the EMA preview grid ({len(labels)} images, {settings['num_steps']} steps)")
             images = generate(ema, vae, list(range(len(labels))), seed=args.global_seed, bf16=args.precision == "bf16",
                               labels=labels, **settings)
             (run_dir / "samples").mkdir(exist_ok=True)
@@ -554,9 +679,8 @@ def main(args):
             dist.all_reduce(terms_seen, op=dist.ReduceOp.MAX)
         if bad.item() != never:
             names = [n for n, b in zip(LOGGED, terms_seen.tolist()) if b]
-            last = checkpoint_steps(run_dir / "checkpoints")
             raise FloatingPointError(f"non-finite {', '.join(names)} at step {bad.item()}; stopped before saving, "
-                                     f"the last checkpoint ({f'{last[-1]:07d}.pt' if last else 'none'}) is intact")
+                                     f"the last checkpoint ({last_checkpoint(run_dir / 'checkpoints')}) is intact")
 
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
@@ -620,75 +744,13 @@ def main(args):
 
 def parse_args(argv=None):
     """The flags; with --resume, those the run was started with are the defaults (so --resume RUN_DIR suffices)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # What to train on and where to write
-    p.add_argument("--model", default="SiT-B/2", help=f"one of {', '.join(SiT_models)}")
-    p.add_argument("--data-path", default=None, help=f"a folder prepared by data.py, or {BUILTIN_DATA}")
-    p.add_argument("--builtin-image-size", type=int, default=32, help=f"image size of {BUILTIN_DATA}")
-    p.add_argument("--builtin-num-images", type=int, default=10_000, help=f"number of images of {BUILTIN_DATA}")
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--resume", default=None, help="a run directory (its newest checkpoint) or one of its checkpoints")
-    # Method switches
-    p.add_argument("--diverse", action="store_true", help="DiverseDiT: --long-residual and --diversity-loss")
-    p.add_argument("--long-residual", action="store_true", help="long residual connections (paper Sec. 3.1)")
-    p.add_argument("--diversity-loss", action="store_true", help="L_div with its adaptive weight (paper Sec. 3.2)")
-    p.add_argument("--repa", action="store_true", help="REPA: align a block to DINOv2-B/14 patch tokens")
-    p.add_argument("--encoder-depth", type=int, default=None, help="REPA's aligned block (default: the paper's "
-                                                                    "Table A1, 5 for B, 8 for L and XL)")
-    p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA's λ (REPA, the paper)")
-    p.add_argument("--projector-dim", type=int, default=2048, help="REPA projector's hidden width (REPA)")
-    p.add_argument("--disp", action="store_true", help="DispLoss (Wang & He), PyTorch release settings")
-    p.add_argument("--disp-coeff", type=float, default=0.25, help="DispLoss λ (its PyTorch release)")
-    p.add_argument("--disp-tau", type=float, default=1.0, help="DispLoss τ (its PyTorch release)")
-    p.add_argument("--disp-block", type=int, default=None, help="DispLoss block, 1-indexed (default: the last)")
-    p.add_argument("--sra", action="store_true", help="SRA: align a block to the EMA teacher's deeper block")
-    p.add_argument("--sra-coeff", type=float, default=0.2, help="SRA's weight (its paper, 256 px)")
-    p.add_argument("--sra-beta", type=float, default=0.05, help="SRA's smooth-L1 β (its paper)")
-    p.add_argument("--sra-t-max", type=float, default=0.2, help="SRA teacher time offset: t − t_max·U(0, 1) (SRA)")
-    p.add_argument("--sra-student-block", type=int, default=None, help="default: 4 for B, 8 for XL (SRA)")
-    p.add_argument("--sra-teacher-block", type=int, default=None, help="default: 8 for B, 20 for XL (SRA)")
-    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG (DiT, SiT, REPA)")
-    p.add_argument("--meanflow", action="store_true", help="MeanFlow's objective (one-step generation)")
-    p.add_argument("--mf-omega", type=float, default=1.0, help="MeanFlow guidance ω in training (official B/2: 1)")
-    p.add_argument("--mf-kappa", type=float, default=0.5, help="MeanFlow guidance κ in training (official B/2: 0.5)")
-    p.add_argument("--mf-t-start", type=float, default=0.0, help="MeanFlow: guide the target where t ≥ this")
-    p.add_argument("--mf-t-end", type=float, default=1.0, help="MeanFlow: and t ≤ this (official B/2: [0, 1])")
-    p.add_argument("--learn-sigma", action="store_true", help="SiT's 2·C outputs (only for SiT-compatible weights)")
-    p.add_argument("--path-type", choices=["linear", "cosine"], default="linear", help="interpolant (REPA: linear)")
-    p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t sampling (REPA)")
-    # Optimisation: REPA's and the authors' release's defaults (the paper: AdamW, lr 1e-4, batch 256, 400K steps)
-    p.add_argument("--max-steps", type=int, default=400_000, help="(the paper's Tables 1, 4, 6–9)")
-    p.add_argument("--global-batch-size", type=int, default=256, help="split over the processes (the paper)")
-    p.add_argument("--lr", type=float, default=1e-4, help="constant (the paper, REPA)")
-    p.add_argument("--beta1", type=float, default=0.9, help="(the paper)")
-    p.add_argument("--beta2", type=float, default=None, help="default 0.999 (the paper), 0.95 with --meanflow "
-                                                               "(MeanFlow's official code)")
-    p.add_argument("--adam-eps", type=float, default=1e-8, help="(REPA)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="(the paper: without decay)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (REPA)")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="(DiT, SiT, REPA)")
-    p.add_argument("--global-seed", type=int, default=0, help="(REPA's README command: 0)")
-    # Speed
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on with CUDA)")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--num-workers", type=int, default=4)
-    # Logging, checkpoints, previews
-    p.add_argument("--log-every", type=int, default=100, help="(REPA)")
-    p.add_argument("--ckpt-every", type=int, default=50_000, help="milestone checkpoints, all kept (REPA)")
-    p.add_argument("--save-every", type=int, default=5_000, help="checkpoints for resuming, the last --keep-last kept")
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--sample-every", type=int, default=10_000, help="EMA preview grid every N steps, 0: never (REPA)")
-    p.add_argument("--sample-cfg-scale", type=float, default=4.0, help="preview guidance (SiT / REPA previews: 4)")
-    p.add_argument("--vae", default="ema", help="decoder for latent previews: 'ema', 'mse' or a path")
+    p = build_parser()
     known, _ = p.parse_known_args(argv)
     if known.resume:  # the run's own settings become the defaults; flags given now still override them
-        saved = torch.load(resolve_checkpoint(known.resume)[0], map_location="cpu", weights_only=True, mmap=True)
-        flags = vars(known).keys()
-        p.set_defaults(**{k: v for k, v in saved["args"].items() if k in flags and k != "resume"})
+        saved = load_checkpoint(known.resume, known.results_dir)[0]["args"]  # main sets damaged ones aside
+        p.set_defaults(**{k: v for k, v in saved.items() if k in vars(known) and k not in ("resume", "results_dir")})
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(lambda argv: main(parse_args(argv)), sys.argv[1:])  # parse_args reads --resume's checkpoint: inside run too

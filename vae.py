@@ -20,9 +20,22 @@ import json
 import sys
 from pathlib import Path
 
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Fetch the SD-VAE weights and check that they load.")
+    parser.add_argument("--vae", default="mse",
+                        help="'ema' or 'mse' (downloaded from Hugging Face), or a local weight file or folder")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from runtime import UserError, replace_atomically, run
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scale (LDM); latents = sample · LATENT_SCALE, no shift
 LATENT_CHANNELS = 4     # the SD-VAE's latent channels
@@ -255,22 +268,22 @@ def read_safetensors(path):
                 for name, entry in header.items() if name != "__metadata__"):
             raise ValueError("the header is not a map of tensor names to {dtype, shape, data_offsets}")
     except ValueError as e:  # a bad length, bad UTF-8, bad JSON or a header of another layout
-        raise ValueError(f"{path} is not a .safetensors file: {e}") from None
+        raise UserError(f"{path} is not a .safetensors file: {e}") from None
     body = memoryview(data)[8 + n:]
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
         dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
         begin, end = entry["data_offsets"]
         numel = 1
         for size in shape:
             numel *= size
         if not 0 <= begin <= end <= len(body) or end - begin != numel * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has data offsets {[begin, end]} that do not match its "
-                             f"shape {shape} and dtype {entry['dtype']} in a data section of {len(body)} bytes")
+            raise UserError(f"{path}: tensor {name!r} has data offsets {[begin, end]} that do not match its "
+                            f"shape {shape} and dtype {entry['dtype']} in a data section of {len(body)} bytes")
         # A copy into a bytearray: a writable buffer, so the tensor owns its (aligned) memory.
         flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(shape)
@@ -294,11 +307,17 @@ def vae_weights_path(source):
         url = VAE_URLS[source]
         path = Path(torch.hub.get_dir()) / "checkpoints" / f"sd-vae-ft-{source}" / WEIGHT_FILES[0]
         if not path.is_file():
+            created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                torch.hub.download_url_to_file(url, str(path), progress=True)
-            except OSError as e:  # urllib's URLError included
-                raise RuntimeError(
+                with replace_atomically(path) as tmp:  # a download cut short leaves no file that looks complete
+                    torch.hub.download_url_to_file(url, str(tmp), progress=True)
+            except BaseException as e:
+                for folder in created:  # nothing is left behind in the cache, not even an empty folder
+                    folder.rmdir()
+                if not isinstance(e, OSError):  # urllib's URLError included
+                    raise
+                raise UserError(
                     f"could not download the SD-VAE weights from {url} ({e}). Download that file on a machine "
                     f"with internet access and pass its path (or its folder) as --vae PATH.") from None
         return path
@@ -307,9 +326,9 @@ def vae_weights_path(source):
         for name in WEIGHT_FILES + tuple(f"vae/{name}" for name in WEIGHT_FILES):  # a VAE or a pipeline folder
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in {path} (nor in {path / 'vae'})")
+        raise UserError(f"no {' or '.join(WEIGHT_FILES)} in {path} (nor in {path / 'vae'})")
     if not path.is_file():
-        raise FileNotFoundError(f"--vae {source!r} is neither 'ema', 'mse', nor an existing file or folder")
+        raise UserError(f"--vae {source!r} is neither 'ema', 'mse', nor an existing file or folder")
     return path
 
 
@@ -323,12 +342,16 @@ def load_vae(source="mse", device="cpu"):
     if path.suffix == ".safetensors":
         state_dict = read_safetensors(path)
     else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch's message would not name the file, and may suggest the unsafe weights_only=False
+            raise UserError(f"{path} is not SD-VAE weights: expected a .safetensors file or a torch file of "
+                            f"tensors (diffusion_pytorch_model.bin)") from None
     vae = AutoencoderKL()
     try:
         vae.load_state_dict(rename_old_attention_keys(state_dict), strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path} is not an SD-VAE (AutoencoderKL) state dict:\n{e}") from None
+    except RuntimeError as e:  # other keys or shapes; torch's lines joined into one
+        raise UserError(f"{path} is not an SD-VAE (AutoencoderKL) state dict: {' '.join(str(e).split())}") from None
     return vae.eval().requires_grad_(False).to(device)
 
 
@@ -385,7 +408,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Fetch the SD-VAE weights and check that they load.")
-    parser.add_argument("--vae", default="mse",
-                        help="'ema' or 'mse' (downloaded from Hugging Face), or a local weight file or folder")
-    main(parser.parse_args())
+    run(main, build_parser().parse_args())
