@@ -1,6 +1,6 @@
 """The speed figures this project quotes, each measured by one command.
 
-    python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10]
+    python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10 --compile]
     python bench.py data [--batch-size 256 --num-workers 2 --num-images 4096]
     python bench.py sampler [--model SiT-Tiny/4 --batch-size 16 --num-steps 50 --steps 10]
     python bench.py train [--model SiT-B/2 --batch-size 8 --steps 5 --rounds 3]
@@ -8,7 +8,8 @@
 
 step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
 device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (what DiverseDiT
-adds to SiT).
+adds to SiT). With --compile, each variant's forward and loss run through torch.compile (the backward is compiled
+with them), and so does the diversity loss timed on its own.
 The variants run interleaved, round after round, and each is compared with plain SiT in the same round;
 medians are printed as a Markdown table. Whole CPU steps vary by a few per cent from round to round, so the
 diversity loss is also timed on its own (forward and backward on block features of the step's shapes), which
@@ -38,6 +39,33 @@ import tempfile
 import time
 from pathlib import Path
 
+BENCHMARK_DEFAULTS = {  # model, batch
+    "step": ("SiT-B/2", 8), "data": (None, 256), "sampler": ("SiT-Tiny/4", 16), "train": ("SiT-B/2", 8),
+    "fid": (None, 50)}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", nargs="?", default="step", choices=list(BENCHMARK_DEFAULTS))
+    parser.add_argument("--model", default=None, help="default: SiT-B/2 for step, SiT-Tiny/4 for sampler")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 8 for step and train, 256 for data, 16 for sampler, 50 for fid")
+    parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
+    parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
+    parser.add_argument("--rounds", type=int, default=3, help="train: alternations of train.py and the bare step")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--compile", action="store_true", help="step: torch.compile each variant's forward and loss")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="data: size of the synthetic folder (4096); fid: images to extract (200)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -47,6 +75,7 @@ import fid
 import train
 from losses import adaptive_weight, diversity_loss, diversity_pairs, flow_matching_loss, interpolate
 from models import build_model
+from runtime import run
 from sample import SampleRandomness, euler_maruyama_sampler, euler_sampler
 from vae import DOWNSAMPLING, LATENT_CHANNELS
 
@@ -65,21 +94,25 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def make_train_step(model, with_diversity):
-    """One step of the flow-matching objective, plus w(L_div)·L_div when asked (paper Sec. 3.2)."""
+def make_train_step(model, with_diversity, compiled=False):
+    """One step of the flow-matching objective, plus w(L_div)·L_div when asked (paper Sec. 3.2); with `compiled`,
+    the forward and the loss run through torch.compile."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0)
     pairs = diversity_pairs(model.depth)
 
-    def step(x, eps, t, y):
+    def objective(x, eps, t, y):
         x_t, v = interpolate(x, eps, t)
-        if with_diversity:
-            v_pred, feats = model(x_t, t, y, return_features=True)
-            l_div = diversity_loss(feats.blocks, pairs).total
-            loss = flow_matching_loss(v_pred, v).mean() + adaptive_weight(l_div) * l_div
-        else:
-            loss = flow_matching_loss(model(x_t, t, y), v).mean()
+        if not with_diversity:
+            return flow_matching_loss(model(x_t, t, y), v).mean()
+        v_pred, feats = model(x_t, t, y, return_features=True)
+        l_div = diversity_loss(feats.blocks, pairs).total
+        return flow_matching_loss(v_pred, v).mean() + adaptive_weight(l_div) * l_div
+
+    objective = torch.compile(objective) if compiled else objective
+
+    def step(x, eps, t, y):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective(x, eps, t, y).backward()
         optimizer.step()
 
     return step
@@ -95,7 +128,8 @@ def bench_step(args, device):
     t = torch.rand(args.batch_size, device=device)
     y = torch.randint(0, models["SiT"].num_classes, (args.batch_size,), device=device)
 
-    steps = {name: make_train_step(models[name], with_diversity) for name, (_, with_diversity) in VARIANTS.items()}
+    steps = {name: make_train_step(models[name], with_diversity, args.compile)
+             for name, (_, with_diversity) in VARIANTS.items()}
     for step in steps.values():
         for _ in range(args.warmup):
             step(x, eps, t, y)
@@ -116,9 +150,10 @@ def bench_step(args, device):
     base = statistics.median(times["SiT"])
     plain = models["SiT"]
     shapes = (plain.depth, args.batch_size, plain.x_embedder.num_patches, plain.pos_embed.shape[-1])  # (L, N, T, D)
-    loss_alone = time_diversity_loss_alone(shapes, device, rounds=5 * args.steps)
+    loss_alone = time_diversity_loss_alone(shapes, device, 5 * args.steps, args.compile)
     print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px, fp32, {device.type} "
-          f"({torch.get_num_threads()} threads), {args.steps} rounds after {args.warmup} warm-up steps\n")
+          f"({torch.get_num_threads()} threads), {'torch.compile' if args.compile else 'eager'}, {args.steps} rounds "
+          f"after {args.warmup} warm-up steps\n")
     print("| variant | s / step (median) | vs SiT (median of per-round ratios) |")
     print("|---|---|---|")
     for name, ts in times.items():
@@ -127,16 +162,17 @@ def bench_step(args, device):
     print(f"| L_div alone (forward + backward) | {loss_alone:.3f} | {loss_alone / base:.1%} of a SiT step |")
 
 
-def time_diversity_loss_alone(shapes, device, rounds):
+def time_diversity_loss_alone(shapes, device, rounds, compiled=False):
     """Median seconds of diversity_loss forward + backward on L random (N, T, D) block features."""
     depth, n, t, d = shapes
     feats = [torch.randn(n, t, d, device=device, requires_grad=True) for _ in range(depth)]
     pairs = diversity_pairs(depth)
+    loss = torch.compile(diversity_loss) if compiled else diversity_loss
     times = []
     for _ in range(rounds + 1):  # the first round is a warm-up
         synchronize(device)
         start = time.perf_counter()
-        diversity_loss(feats, pairs).total.backward()
+        loss(feats, pairs).total.backward()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
@@ -313,11 +349,6 @@ def bench_sampler(args, device):
         print(f"| {name} | {statistics.median(times[name]):.3f} | {ratio} |")
 
 
-BENCHMARK_DEFAULTS = {  # model, batch
-    "step": ("SiT-B/2", 8), "data": (None, 256), "sampler": ("SiT-Tiny/4", 16), "train": ("SiT-B/2", 8),
-    "fid": (None, 50)}
-
-
 def main(args):
     default_model, default_batch = BENCHMARK_DEFAULTS[args.benchmark]
     args.num_images = args.num_images or {"data": 4096, "fid": 200}.get(args.benchmark)
@@ -331,18 +362,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="step", choices=list(BENCHMARK_DEFAULTS))
-    parser.add_argument("--model", default=None, help="default: SiT-B/2 for step, SiT-Tiny/4 for sampler")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="default: 8 for step and train, 256 for data, 16 for sampler, 50 for fid")
-    parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
-    parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
-    parser.add_argument("--rounds", type=int, default=3, help="train: alternations of train.py and the bare step")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")
-    parser.add_argument("--num-images", type=int, default=None,
-                        help="data: size of the synthetic folder (4096); fid: images to extract (200)")
-    main(parser.parse_args())
+    run(main, build_parser().parse_args())

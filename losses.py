@@ -145,100 +145,44 @@ def paired_blocks(pairs, num_blocks):
     return sorted({b for pair in pairs for b in pair})
 
 
-class BlockStatistics(NamedTuple):
-    """The reductions of one block's output f (N, T, D) that the three diversity terms are made of."""
-    column_l1: torch.Tensor   # Σ_{n,t} |f[n, t, d]|                       (D,)     for L_disp, every block
-    column_l2: torch.Tensor   # (Σ_{n,t} f[n, t, d]²)^½                    (D,)     for L_disp, every block
-    mean: torch.Tensor        # μ = (1/NT) Σ_{n,t} f[n, t, :]              (D,)     for L_orth, blocks in P
-    token_norm: torch.Tensor  # ‖f[n, t, :]‖₂                               (N, T)   for L_MI, blocks in P
-
-
-class _BlockStatistics(torch.autograd.Function):
-    """`BlockStatistics` with one fused backward. Autograd would materialise one (N, T, D) gradient per
-    reduction and then add them up; this writes their sum in a few passes over f, which halves the cost of the
-    whole diversity loss on the CPU. The gradients are autograd's (checked by gradcheck in the tests). For a
-    block outside P, `mean` and `token_norm` are not computed (None)."""
-
-    @staticmethod
-    def forward(ctx, f, in_pairs):
-        ctx.set_materialize_grads(False)  # an unused reduction sends no gradient and costs nothing
-        column_l1 = torch.linalg.vector_norm(f, 1, dim=(0, 1))  # (D,)
-        column_l2 = torch.linalg.vector_norm(f, dim=(0, 1))     # (D,)
-        mean = f.mean(dim=(0, 1)) if in_pairs else None         # (D,)
-        token_norm = torch.linalg.vector_norm(f, dim=-1) if in_pairs else None  # (N, T)
-        ctx.save_for_backward(f, column_l2, token_norm)
-        return column_l1, column_l2, mean, token_norm
-
-    @staticmethod
-    def backward(ctx, g_l1, g_l2, g_mean, g_token):
-        f, column_l2, token_norm = ctx.saved_tensors  # f: (N, T, D)
-        n, t, _ = f.shape
-        # ∂‖f_d‖₁/∂f[n,t,d] = sign(f[n,t,d]); g_l1 (D,) broadcasts over (N, T). The first term allocates the
-        # gradient, so no pass is spent zero-filling it (L_disp always uses the column norms).
-        grad = f.sign() * g_l1 if g_l1 is not None else torch.zeros_like(f)
-        if g_l2 is not None:     # ∂‖f_d‖₂/∂f[n,t,d] = f[n,t,d] / ‖f_d‖₂, and 0 for a zero column (as autograd)
-            grad.addcmul_(f, torch.where(column_l2 > 0, g_l2 / column_l2, 0))                 # (D,)
-        if g_mean is not None:   # ∂μ_d/∂f[n,t,d] = 1/NT
-            grad += g_mean / (n * t)                                                          # (D,)
-        if g_token is not None:  # ∂‖f[n,t]‖₂/∂f[n,t,d] = f[n,t,d] / ‖f[n,t]‖₂, and 0 for a zero token
-            grad.addcmul_(f, torch.where(token_norm > 0, g_token / token_norm, 0).unsqueeze(-1))  # (N, T, 1)
-        return grad, None
-
-
-def block_statistics(feats, pairs=()):
-    """`BlockStatistics` of each block, in float32. feats: L tensors (N, T, D); pairs: the block pairs P, whose
-    blocks also get `mean` and `token_norm`."""
-    in_pairs = {b for pair in pairs for b in pair}
-    return [BlockStatistics(*_BlockStatistics.apply(f.float(), b in in_pairs)) for b, f in enumerate(feats)]
-
-
-def orthogonality_loss(feats, pairs, stats=None):
+def orthogonality_loss(feats, pairs):
     """L_orth = (1/|P|) Σ_{(i,j)∈P} cos(μ_i, μ_j),  μ_l = (1/NT) Σ_{n,t} f_l[n, t, :] ∈ R^D  (paper Eqs. 9–10).
 
     The signed cosine, neither squared nor absolute, as in the paper and the release. Range [−1, 1].
-    feats: L tensors (N, T, D); pairs: list of (i, j) block indices; stats: `block_statistics(feats, pairs)` when the
-    caller has them already (`diversity_loss` shares them among the three terms).
+    feats: L tensors (N, T, D); pairs: list of (i, j) block indices.
     """
-    blocks = paired_blocks(pairs, len(feats))
-    stats = stats or block_statistics(feats, pairs)
-    mu_hat = {b: F.normalize(stats[b].mean, dim=0, eps=DIVERSITY_EPS) for b in blocks}
-    return torch.stack([mu_hat[i] @ mu_hat[j] for i, j in pairs]).mean()  # (|P|,) → scalar
+    mu = {b: feats[b].float().mean(dim=(0, 1)) for b in paired_blocks(pairs, len(feats))}  # μ_l: (D,)
+    return torch.stack([F.cosine_similarity(mu[i], mu[j], dim=0, eps=DIVERSITY_EPS) for i, j in pairs]).mean()
 
 
-def mutual_information_loss(feats, pairs, stats=None):
+def mutual_information_loss(feats, pairs):
     """L_MI = (1/|P|) Σ_{(i,j)∈P} | (1/NT) Σ_{n,t} f̂_{i,n,t}ᵀ f̂_{j,n,t} |,  f̂_{l,n,t} = f_l[n,t,:] / ‖f_l[n,t,:]‖₂
     (paper Eqs. 11–12).
 
     Deviation from the printed equation: the absolute value per pair is the release's; the paper prints none.
     With it, anti-correlated blocks are penalised like correlated ones. Range [0, 1].
     """
-    blocks = paired_blocks(pairs, len(feats))
-    stats = stats or block_statistics(feats, pairs)
-    # f̂_i·f̂_j = (f_i·f_j) / (‖f_i‖·‖f_j‖), the norms clamped at eps as F.normalize does; no normalised copy of
-    # a block is materialised. (The dot product overflows float32 only for activations beyond ~1e19.)
-    inv_norm = {b: 1 / stats[b].token_norm.clamp(min=DIVERSITY_EPS) for b in blocks}
-    cosines = [torch.linalg.vecdot(feats[i].float(), feats[j].float()) * inv_norm[i] * inv_norm[j]  # (N, T)
-               for i, j in pairs]
-    return torch.stack([cos.mean().abs() for cos in cosines]).mean()  # (|P|,) → scalar
+    f_hat = {b: F.normalize(feats[b].float(), dim=-1, eps=DIVERSITY_EPS) for b in paired_blocks(pairs, len(feats))}
+    # f̂_iᵀ f̂_j per token (N, T), averaged over n and t; the |·| is the release's
+    return torch.stack([torch.linalg.vecdot(f_hat[i], f_hat[j]).mean().abs() for i, j in pairs]).mean()
 
 
-def dispersion_loss(feats, stats=None):
-    """L_disp = −(1/D) Σ_k (a'_k − ā')²,  a' = a / max_k a_k  (paper Eqs. 13–14), in the release's form.
+def dispersion_loss(feats):
+    """L_disp = −(1/D) Σ_k (a'_k − ā')²,  a' = a / max_k a_k,  a = (1/|P|) Σ_{l∈P} mean_{n,t} f̂̃_l
+    (paper Eqs. 13–14), in the release's form.
 
-    Each block is flattened to (NT, D) and every feature column is l2-normalised over the NT samples; its usage
-    is the mean absolute normalised activation. a is the usage averaged over blocks and a' = a / (max_k a_k + eps).
-    Deviations from the printed equations, all the release's: a averages over all L blocks (the paper: over P),
-    the usage takes |·|, and the variance is divided by 0.25 (its largest value for a' ∈ [0, 1]) and clamped to
-    [0, 1]. Minimising it maximises the spread of channel usage. Range [−1, 0].
+    f̂̃_l is block l flattened to f̃_l (NT, D) and normalised along the sample axis: each feature column is
+    l2-normalised over its NT rows. Deviations from the printed equations, all the release's and each marked at its
+    line: the mean takes |·|, a averages over all L blocks (the paper: over P), the max gets + eps, and the
+    variance is divided by 0.25 (its largest value for a' ∈ [0, 1]) and clamped to [0, 1]. Minimising L_disp
+    maximises the spread of channel usage. Range [−1, 0].
     """
-    stats = stats or block_statistics(feats)
-    n, t, _ = feats[0].shape
-    # The mean of |x̂| down a column x normalised over its NT rows is ‖x‖₁ / (NT·max(‖x‖₂, eps)).
-    usage = torch.stack([s.column_l1 / (n * t * s.column_l2.clamp(min=DIVERSITY_EPS)) for s in stats])  # (L, D)
-    usage = usage.mean(dim=0)                                                                           # (D,)
-    usage = usage / (usage.max() + DIVERSITY_EPS)
-    variance = (usage - usage.mean()).pow(2).mean()
-    return -(variance / MAX_USAGE_VARIANCE).clamp(0, 1)
+    # mean_{n,t} |f̂̃_l|: (D,) per block; the |·| is the release's
+    usage = [F.normalize(f.float().flatten(0, 1), dim=0, eps=DIVERSITY_EPS).abs().mean(dim=0) for f in feats]
+    a = torch.stack(usage).mean(dim=0)  # (L, D) → (D,): over all L blocks, the release's (the paper: over P)
+    a = a / (a.max() + DIVERSITY_EPS)   # + eps: the release's
+    variance = (a - a.mean()).pow(2).mean()
+    return -(variance / MAX_USAGE_VARIANCE).clamp(0, 1)  # / 0.25 and the clamp: the release's
 
 
 class DiversityLoss(NamedTuple):
@@ -264,12 +208,9 @@ def diversity_loss(feats, pairs):
     if any(f.shape != feats[0].shape for f in feats):
         raise ValueError(f"block features differ in shape: {sorted({tuple(f.shape) for f in feats})}")
     feats = [f.float() for f in feats]  # once, so that the terms share the float32 copies
-    stats = block_statistics(feats, pairs)
-    orth = orthogonality_loss(feats, pairs, stats)
-    mi = mutual_information_loss(feats, pairs, stats)
-    disp = dispersion_loss(feats, stats)
+    orth, mi, disp = orthogonality_loss(feats, pairs), mutual_information_loss(feats, pairs), dispersion_loss(feats)
     total = ((orth + mi + disp) / 3).clamp(max=MAX_DIVERSITY_LOSS)
-    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    total = torch.where(torch.isfinite(total), total, 0.0)
     return DiversityLoss(total, orth, mi, disp)
 
 
@@ -281,8 +222,7 @@ def adaptive_weight(l_div):
     gradient of w·L_div is (2·L_div − 0.1) / 0.5.
     """
     low, high = ADAPTIVE_WEIGHT_RANGE
-    ramp = (l_div - low) / ADAPTIVE_WEIGHT_SCALE
-    return torch.where(l_div > high, torch.ones_like(l_div), torch.where(l_div > low, ramp, torch.zeros_like(l_div)))
+    return torch.where(l_div > high, 1.0, torch.where(l_div > low, (l_div - low) / ADAPTIVE_WEIGHT_SCALE, 0.0))
 
 
 #################################################################################

@@ -154,51 +154,53 @@ def test_diversity_loss_is_the_mean_of_its_terms_and_keeps_the_gradient():
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
 
 
-def naive_diversity_terms(feats, pairs):
-    """The three terms written the release's way, normalising copies of the features first."""
-    orth = torch.stack([F.cosine_similarity(feats[i].mean(dim=(0, 1)), feats[j].mean(dim=(0, 1)), dim=0)
-                        for i, j in pairs]).mean()
-    mi = torch.stack([(F.normalize(feats[i], dim=-1) * F.normalize(feats[j], dim=-1)).sum(-1).mean().abs()
+def hand_diversity_terms(feats, pairs):
+    """The three terms computed a second way, from sums and norms instead of normalised copies."""
+    nt = feats[0].shape[0] * feats[0].shape[1]
+    mu = [f.sum(dim=(0, 1)) / nt for f in feats]
+    orth = torch.stack([mu[i] @ mu[j] / (mu[i].norm() * mu[j].norm()) for i, j in pairs]).mean()
+    mi = torch.stack([((feats[i] * feats[j]).sum(-1) / (feats[i].norm(dim=-1) * feats[j].norm(dim=-1))).sum().abs() / nt
                       for i, j in pairs]).mean()
-    usage = torch.stack([F.normalize(f.flatten(0, 1), dim=0).abs().mean(dim=0) for f in feats]).mean(dim=0)
-    usage = usage / usage.max()
-    disp = -(((usage - usage.mean()) ** 2).mean() / 0.25).clamp(0, 1)
+    # The mean of |x̂| down a column x normalised over its NT rows is ‖x‖₁ / (NT·‖x‖₂).
+    usage = torch.stack([f.abs().sum(dim=(0, 1)) / (nt * f.pow(2).sum(dim=(0, 1)).sqrt()) for f in feats]).mean(0)
+    a = usage / usage.max()
+    disp = -(((a - a.mean()) ** 2).mean() / 0.25).clamp(0, 1)
     return orth, mi, disp
 
 
-def test_diversity_terms_and_gradients_equal_the_naive_formulas():
+def test_diversity_terms_and_gradients_equal_a_hand_computation():
     torch.manual_seed(0)
     feats = [(torch.randn(3, 5, 7, dtype=torch.float64) + torch.randn(7, dtype=torch.float64)).requires_grad_()
              for _ in range(6)]
     pairs = diversity_pairs(6)
-    ours = diversity_loss(feats, pairs)
-    naive = naive_diversity_terms([f.float() for f in feats], pairs)
-    for term, expected in zip(ours[1:], naive):
-        torch.testing.assert_close(term, expected)
+    ours = diversity_loss(feats, pairs)  # in float32
+    hand = hand_diversity_terms(feats, pairs)  # in float64
+    for term, expected in zip(ours[1:], hand):
+        torch.testing.assert_close(term.double(), expected)
     grads = torch.autograd.grad(ours.total, feats)
-    naive_grads = torch.autograd.grad(sum(naive) / 3, feats)
-    for g, expected in zip(grads, naive_grads):
+    hand_grads = torch.autograd.grad(sum(hand) / 3, feats)
+    for g, expected in zip(grads, hand_grads):
         torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_block_statistics_backward_is_autograds():
+def test_diversity_loss_has_forward_mode_derivatives_equal_to_its_gradient():
+    """Forward-mode AD goes through the loss (a custom autograd.Function without a jvp refuses it): ⟨∇L_div, v⟩
+    equals torch.func.jvp along v."""
     torch.manual_seed(0)
-    f = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    for in_pairs in (True, False):  # blocks outside P get only the column norms
-        assert torch.autograd.gradcheck(lambda x: losses._BlockStatistics.apply(x, in_pairs)[:2 + 2 * in_pairs], (f,))
-    # Zero columns and zero tokens get autograd's zero subgradient, not NaN.
-    z = torch.randn(2, 3, 4, dtype=torch.float64)
-    z[:, :, 1] = 0  # a zero column
-    z[0, 2] = 0     # a zero token
-    z.requires_grad_()
-    weights = [torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64),
-               torch.randn(4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
-    ours = sum((s * w).sum() for s, w in zip(losses._BlockStatistics.apply(z, True), weights))
-    reference = sum((s * w).sum() for s, w in zip(
-        (torch.linalg.vector_norm(z, 1, dim=(0, 1)), torch.linalg.vector_norm(z, dim=(0, 1)), z.mean(dim=(0, 1)),
-         torch.linalg.vector_norm(z, dim=-1)), weights))
-    (g,), (g_ref,) = torch.autograd.grad(ours, z), torch.autograd.grad(reference, z)
-    torch.testing.assert_close(g, g_ref)
+    feats, tangents = [torch.randn(2, 4, 8) for _ in range(4)], [torch.randn(2, 4, 8) for _ in range(4)]
+    total = lambda *f: diversity_loss(list(f), diversity_pairs(4)).total  # noqa: E731
+    _, jvp = torch.func.jvp(total, tuple(feats), tuple(tangents))
+    grads = torch.autograd.grad(total(*[f.requires_grad_() for f in feats]), feats)
+    # check_dtype: forward AD promotes a 0-dim float32 tensor divided by a Python float to float64 (torch 2.x)
+    torch.testing.assert_close(jvp, sum((g * v).sum() for g, v in zip(grads, tangents)), check_dtype=False)
+
+
+def test_zero_columns_and_tokens_give_finite_gradients():
+    feats = [torch.randn(2, 3, 4) for _ in range(4)]
+    feats[0][:, :, 1] = 0  # a dead channel: its column norm is 0 in L_disp
+    feats[1][0, 2] = 0     # a zero token: its norm is 0 in L_MI
+    grads = torch.autograd.grad(diversity_loss([f.requires_grad_() for f in feats], diversity_pairs(4)).total, feats)
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_diversity_loss_is_float32_for_low_precision_features():
