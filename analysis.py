@@ -11,8 +11,7 @@ similarity and the diversity loss's three terms on the same features.
 Metrics: CKA with an RBF kernel (the paper's; bandwidth by the median heuristic, which the paper does not give),
 linear CKA, and the mean |per-token cosine| between blocks (the diversity loss's L_MI penalises the absolute value
 of the mean cosine instead, which cancels opposite signs). For CKA, each sample's block output (T, D) is flattened
-into one vector, so the kernels are N×N over the batch. MeanFlow models are run at r = t, where the average
-velocity is the instantaneous one.
+into one vector, so the kernels are N×N over the batch.
 """
 import argparse
 import json
@@ -57,19 +56,11 @@ COLOUR_RANGE = (0.0, 1.0)  # every metric lies in [0, 1]: one fixed scale, so pi
 COLOURS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
 
-#################################################################################
-#                                   Similarities                                #
-#################################################################################
-
-def centre(K):
-    """H K H with H = I − 11ᵀ/n: the kernel matrix of centred features."""
-    return K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()
-
-
 def hsic(K, L):
-    """HSIC(K, L) = Tr(K H L H) / (n − 1)² (Gretton et al. 2005), K and L (n, n)."""
+    """HSIC(K, L) = Tr(K H L H) / (n − 1)² with H = I − 11ᵀ/n (Gretton et al. 2005), K and L (n, n)."""
     n = K.shape[0]
-    return (centre(K) * L).sum() / (n - 1) ** 2
+    HKH = K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()  # the centred features' kernel
+    return (HKH * L).sum() / (n - 1) ** 2
 
 
 def rbf_kernel(X):
@@ -109,15 +100,11 @@ def mean_off_diagonal(matrix):
     return float(matrix[~np.eye(len(matrix), dtype=bool)].mean())
 
 
-#################################################################################
-#                                 Block features                                #
-#################################################################################
-
-def blocks_at(model, x, t, y):
-    """The block outputs of the network at (x, t) for a batch, t a float; MeanFlow models at r = t."""
+@torch.no_grad()
+def forward_at(model, x, t, y, return_features=False):
+    """The network at (x, t) for a batch, t a float; MeanFlow models at r = t, where u(x, t, t) = v."""
     t_batch = torch.full((len(x),), float(t), device=x.device)
-    r = t_batch if model.meanflow else None
-    return model(x.float(), t_batch, y, return_features=True, r=r)[1].blocks
+    return model(x.float(), t_batch, y, return_features=return_features, r=t_batch if model.meanflow else None)
 
 
 @torch.no_grad()
@@ -127,17 +114,8 @@ def trajectory_features(model, z, y, num_steps=TRAJECTORY_STEPS):
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     x = z.double()
     for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
-        t_batch = torch.full((len(x),), float(t_cur), device=x.device)
-        v = model(x.float(), t_batch, y, r=t_batch if model.meanflow else None).double()  # u(x, t, t) = v for MeanFlow
-        x = x + (t_next - t_cur) * v
-    return blocks_at(model, x, t_steps[-2], y)
-
-
-@torch.no_grad()
-def noised_data_features(model, x0, eps, y, t, path_type="linear"):
-    """Block outputs on x_t = α_t·x₀ + σ_t·ε (the checkpoint's path) at one fixed time t for the whole batch."""
-    t_batch = torch.full((len(x0),), t, device=x0.device)
-    return blocks_at(model, interpolate(x0, eps, t_batch, path_type)[0], t, y)
+        x = x + (t_next - t_cur) * forward_at(model, x, t_cur, y).double()
+    return forward_at(model, x, t_steps[-2], y, return_features=True)[1].blocks
 
 
 def fixed_inputs(model, args, device):
@@ -148,12 +126,11 @@ def fixed_inputs(model, args, device):
     x0 = None
     if args.data_path:
         dataset = open_dataset(args.data_path, builtin_image_size=model.input_size)
-        generator = torch.Generator().manual_seed(args.seed)
         if args.num_samples > len(dataset):
             raise UserError(f"--num-samples {args.num_samples} is more than the {len(dataset)} images of "
                              f"{args.data_path}")
-        indices = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
-        items = [dataset[i] for i in indices]
+        indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num_samples]
+        items = [dataset[i] for i in indices.tolist()]
         x0 = torch.stack([item[0] for item in items])
         y = torch.tensor([item[1] for item in items])
         if dataset.latent:
@@ -162,10 +139,6 @@ def fixed_inputs(model, args, device):
         x0 = x0.to(device)
     return y.to(device), eps.to(device), x0
 
-
-#################################################################################
-#                                    Heatmaps                                   #
-#################################################################################
 
 def colour(values, low, high):
     """Values → RGB uint8 through COLOURS, scaled from [low, high]."""
@@ -199,22 +172,9 @@ def heatmap(matrix, title, low, high, cell=16):
     return image
 
 
-def side_by_side(images):
-    width, height = sum(i.width for i in images), max(i.height for i in images)
-    canvas = Image.new("RGB", (width, height), "white")
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width
-    return canvas
-
-
-#################################################################################
-#                                       Main                                    #
-#################################################################################
-
 def analyse(ckpt_path, args, device):
-    """{metric: (L, L) matrix, …, "diversity": its three terms, "step": the checkpoint's step or None}."""
+    """{"step": the checkpoint's step or None, "model", "weights", "features": {where: {metric: (L, L) nested list,
+    "mean_off_diagonal": {metric: value}, "diversity": L_div and its three terms}}}."""
     print(f"  loading its {args.weights} weights", flush=True)
     model, description = load_sampling_model(ckpt_path, args.weights)
     model.to(device)
@@ -223,18 +183,22 @@ def analyse(ckpt_path, args, device):
     encoder_depth = saved["args"].get("encoder_depth") if isinstance(saved.get("args"), dict) else None
     y, eps, x0 = fixed_inputs(model, args, device)
     print(f"  block features on {args.num_samples} samples", flush=True)
-    features = {"trajectory": trajectory_features(model, eps, y)} if x0 is None else {
-        f"t={t:g}": noised_data_features(model, x0, eps, y, t, description["path_type"]) for t in args.t}
+    if x0 is None:
+        features = {"trajectory": trajectory_features(model, eps, y)}
+    else:  # on x_t = α_t·x₀ + σ_t·ε (the checkpoint's path), at one fixed time t for the whole batch
+        features = {}
+        for t in args.t:
+            x_t = interpolate(x0, eps, torch.full((len(x0),), t, device=device), description["path_type"])[0]
+            features[f"t={t:g}"] = forward_at(model, x_t, t, y, return_features=True)[1].blocks
     result = {"step": step, "model": description["model"], "weights": args.weights, "features": {}}
     for where, blocks in features.items():
         print(f"  {', '.join(METRIC_NAMES[m] for m in args.metrics)} between {len(blocks)} blocks "
               f"{measured_on(where)}", flush=True)
         div = diversity_loss(blocks, diversity_pairs(model.depth, encoder_depth))
-        entry = {metric: similarity_matrix(blocks, metric) for metric in args.metrics}
-        entry["mean_off_diagonal"] = {metric: mean_off_diagonal(entry[metric]) for metric in args.metrics}
-        entry["diversity"] = {"total": div.total.item(), "orthogonality": div.orthogonality.item(),
-                              "mutual_information": div.mutual_information.item(),
-                              "dispersion": div.dispersion.item()}
+        matrices = {metric: similarity_matrix(blocks, metric) for metric in args.metrics}
+        entry = {metric: matrix.tolist() for metric, matrix in matrices.items()}
+        entry["mean_off_diagonal"] = {metric: mean_off_diagonal(matrix) for metric, matrix in matrices.items()}
+        entry["diversity"] = {term: value.item() for term, value in div._asdict().items()}  # total and its 3 terms
         result["features"][where] = entry
     return result
 
@@ -243,12 +207,6 @@ def measured_on(where):
     """Where the features of a `features` key ("trajectory", "t=0.5") were taken, in words."""
     return (f"at the last of {TRAJECTORY_STEPS} Euler steps (t={1 / TRAJECTORY_STEPS:g})" if where == "trajectory"
             else f"on noised data at {where}")
-
-
-def run_label(path):
-    """results/NNN-…/checkpoints/0000600.pt → "NNN-…" (the run); any other file → its name."""
-    path = Path(path)
-    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
 
 
 def main(args):
@@ -266,20 +224,22 @@ def main(args):
         results[str(path)] = analyse(path, args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    where_list = next(iter(results.values()))["features"].keys()
-    for where in where_list:
+    for where in next(iter(results.values()))["features"]:
         for metric in args.metrics:
-            matrices = [r["features"][where][metric] for r in results.values()]
-            images = [heatmap(m, f"{METRIC_NAMES[metric]} {measured_on(where)}\n"
-                                 f"{run_label(path)}, step {r['step']}, {args.weights} weights", *COLOUR_RANGE)
-                      for m, (path, r) in zip(matrices, results.items())]
+            images = []
+            for path, r in results.items():
+                path = Path(path)  # results/NNN-…/checkpoints/0000600.pt is labelled by its run, NNN-…
+                label = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+                images.append(heatmap(np.array(r["features"][where][metric]), f"{METRIC_NAMES[metric]} "
+                                      f"{measured_on(where)}\n{label}, step {r['step']}, {args.weights} weights",
+                                      *COLOUR_RANGE))
+            canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+            for k, image in enumerate(images):  # side by side
+                canvas.paste(image, (sum(i.width for i in images[:k]), 0))
             name = f"{metric}-{where.replace('=', '')}.png"
-            side_by_side(images).save(out / name)
+            canvas.save(out / name)
             print(f"saved {out / name}")
-    serialisable = {path: {**r, "features": {w: {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                                                  for k, v in e.items()} for w, e in r["features"].items()}}
-                    for path, r in results.items()}
-    (out / "similarity.json").write_text(json.dumps(serialisable, indent=1) + "\n")
+    (out / "similarity.json").write_text(json.dumps(results, indent=1) + "\n")
     for path, r in results.items():
         for where, entry in r["features"].items():
             summary = ", ".join(f"{m} {v:.3f}" for m, v in entry["mean_off_diagonal"].items())

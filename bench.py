@@ -6,29 +6,19 @@
     python bench.py train [--model SiT-B/2 --batch-size 8 --steps 5 --rounds 3]
     python bench.py fid [--batch-size 50 --num-images 200]
 
-step: one training step of the bare model (forward, backward, AdamW update) in float32 on this machine's
-device, for plain SiT, SiT + the diversity loss, SiT + long residual connections, and both (what DiverseDiT
-adds to SiT). With --compile, each variant's forward and loss run through torch.compile (the backward is compiled
-with them), and so does the diversity loss timed on its own.
-The variants run interleaved, round after round, and each is compared with plain SiT in the same round;
-medians are printed as a Markdown table. Whole CPU steps vary by a few per cent from round to round, so the
-diversity loss is also timed on its own (forward and backward on block features of the step's shapes), which
-resolves its share of a step far more precisely.
-
-data: samples per second that a prepared folder (`data.py`) serves through a shuffling DataLoader, with and
-without the images REPA needs; the folder is synthetic (random moments and images, written in the real layout)
-and read from the page cache.
-
-sampler: sample.py's samplers on the built-in dataset's workload (3×32×32 pixels, 10 classes), each against the
-bare network forwards it makes, so that the difference is the sampler loop's own cost; and classifier-free
-guidance over the whole time range against a guidance interval, where steps outside the interval make one forward
-instead of a doubled one. Interleaved rounds and medians of per-round ratios, as for `step`.
-
-train: a whole train.py step (data loading from a synthetic prepared folder, the posterior sample, the losses,
-gradient clipping, AdamW, the EMA update and the bookkeeping) against the bare model step of `step`, plain SiT.
-
-fid: fid.py's Inception feature extraction rate (random-weight network, random images), and the time and peak
-memory of precision / recall on 20,000 × 10,000 random 2048-d features (10,000 × 10,000 distance blocks).
+step: a float32 training step of the bare model (forward, backward, AdamW) for SiT, SiT + L_div, SiT + long
+residual connections, and both (DiverseDiT), eager or with --compile; and L_div alone (forward + backward on
+features of the step's shapes), which resolves its share of a step far more precisely than whole CPU steps, which
+vary by a few per cent from round to round.
+data: samples / s that a synthetic prepared folder (data.py's layout, in the page cache) serves through a shuffling
+DataLoader, with and without the images REPA needs.
+sampler: sample.py's samplers on the built-in data's workload (3×32×32, 10 classes), each against the bare network
+forwards it makes (the difference is the loop's own cost); and guidance on all of [0, 1] against an interval.
+train: a whole train.py step (data, losses, clipping, AdamW, EMA, bookkeeping) against the bare step of `step`.
+fid: fid.py's feature extraction rate (random weights and images), and the time and peak memory of precision /
+recall on 20,000 × 10,000 random 2048-d features.
+Compared runs are interleaved round after round in a rotated order; a ratio is the median of per-round ratios,
+which cancels slow drifts of the machine's speed. Results print as Markdown tables.
 """
 import argparse
 import json
@@ -38,6 +28,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 BENCHMARK_DEFAULTS = {  # model, batch
     "step": ("SiT-B/2", 8), "data": (None, 256), "sampler": ("SiT-Tiny/4", 16), "train": ("SiT-B/2", 8),
@@ -54,7 +45,7 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
     parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
     parser.add_argument("--rounds", type=int, default=3, help="train: alternations of train.py and the bare step")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--compile", action="store_true", help="step: torch.compile each variant's forward and loss")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")
@@ -79,14 +70,10 @@ from runtime import run
 from sample import SampleRandomness, euler_maruyama_sampler, euler_sampler
 from vae import DOWNSAMPLING, LATENT_CHANNELS
 
-LEARNING_RATE = 1e-4                      # SiT / REPA's AdamW learning rate (the step's cost does not depend on it)
+LEARNING_RATE = 1e-4  # SiT / REPA's AdamW learning rate (the step's cost does not depend on it)
 
-VARIANTS = {  # name: (long residual connections, diversity loss)
-    "SiT": (False, False),
-    "SiT + L_div": (False, True),
-    "SiT + long residual": (True, False),
-    "DiverseDiT (both)": (True, True),
-}
+VARIANTS = {"SiT": (False, False), "SiT + L_div": (False, True),  # name: (long residual connections, L_div)
+            "SiT + long residual": (True, False), "DiverseDiT (both)": (True, True)}
 
 
 def synchronize(device):
@@ -94,9 +81,40 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def make_train_step(model, with_diversity, compiled=False):
-    """One step of the flow-matching objective, plus w(L_div)·L_div when asked (paper Sec. 3.2); with `compiled`,
-    the forward and the loss run through torch.compile."""
+def timed_rounds(runs, rounds, warmup, device):
+    """{name: [seconds, one per round]}: each callable of `runs` once per round, in an order rotated every round;
+    the first `warmup` rounds are not timed."""
+    names = list(runs)
+    times = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times, base):
+    return statistics.median(a / b for a, b in zip(times, base))
+
+
+def table(title, header, rows):
+    """Print `title`, then a Markdown table."""
+    print(f"\n{title}\n")
+    for row in [header, ["---"] * len(header), *rows]:
+        print("| " + " | ".join(row) + " |")
+
+
+def machine(device):
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def make_train_step(model, batch, with_diversity=False, compiled=False):
+    """One step on `batch` = (x, ε, t, y) of the flow-matching objective, plus w(L_div)·L_div when asked (paper
+    Sec. 3.2); with `compiled`, the forward and the loss run through torch.compile."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0)
     pairs = diversity_pairs(model.depth)
 
@@ -110,72 +128,47 @@ def make_train_step(model, with_diversity, compiled=False):
 
     objective = torch.compile(objective) if compiled else objective
 
-    def step(x, eps, t, y):
+    def step():
         optimizer.zero_grad(set_to_none=True)
-        objective(x, eps, t, y).backward()
+        objective(*batch).backward()
         optimizer.step()
 
     return step
 
 
+def latent_batch(args, num_classes, device):
+    """(x, ε, t, y): random SD-VAE latents of --image-size images, noise, times and labels."""
+    latent = args.image_size // DOWNSAMPLING
+    x = torch.randn(args.batch_size, LATENT_CHANNELS, latent, latent, device=device)
+    eps, t = torch.randn_like(x), torch.rand(args.batch_size, device=device)
+    return x, eps, t, torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+
 def bench_step(args, device):
     torch.manual_seed(0)
-    latent = args.image_size // DOWNSAMPLING
-    models = {name: build_model(args.model, input_size=latent, long_residual=long_residual).to(device).train()
-              for name, (long_residual, _) in VARIANTS.items()}
-    x = torch.randn(args.batch_size, LATENT_CHANNELS, latent, latent, device=device)
-    eps = torch.randn_like(x)
-    t = torch.rand(args.batch_size, device=device)
-    y = torch.randint(0, models["SiT"].num_classes, (args.batch_size,), device=device)
-
-    steps = {name: make_train_step(models[name], with_diversity, args.compile)
-             for name, (_, with_diversity) in VARIANTS.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step(x, eps, t, y)
-
-    # Round after round, each variant runs once, in an order rotated every round; a variant's cost is the median
-    # over rounds of its time divided by plain SiT's time in the same round, which cancels slow drifts of the
-    # machine's speed.
-    names = list(VARIANTS)
-    times = {name: [] for name in names}
-    for r in range(args.steps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name](x, eps, t, y)
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-
-    base = statistics.median(times["SiT"])
+    models = {name: build_model(args.model, input_size=args.image_size // DOWNSAMPLING, long_residual=long_residual)
+              .to(device).train() for name, (long_residual, _) in VARIANTS.items()}
     plain = models["SiT"]
-    shapes = (plain.depth, args.batch_size, plain.x_embedder.num_patches, plain.pos_embed.shape[-1])  # (L, N, T, D)
-    loss_alone = time_diversity_loss_alone(shapes, device, 5 * args.steps, args.compile)
-    print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px, fp32, {device.type} "
-          f"({torch.get_num_threads()} threads), {'torch.compile' if args.compile else 'eager'}, {args.steps} rounds "
-          f"after {args.warmup} warm-up steps\n")
-    print("| variant | s / step (median) | vs SiT (median of per-round ratios) |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        ratio = statistics.median(a / b for a, b in zip(ts, times["SiT"]))
-        print(f"| {name} | {statistics.median(ts):.3f} | {ratio:.3f}× |")
-    print(f"| L_div alone (forward + backward) | {loss_alone:.3f} | {loss_alone / base:.1%} of a SiT step |")
+    batch = latent_batch(args, plain.num_classes, device)
+    steps = {name: make_train_step(models[name], batch, with_diversity, args.compile)
+             for name, (_, with_diversity) in VARIANTS.items()}
+    times = timed_rounds(steps, args.steps, args.warmup, device)
 
+    # The diversity loss alone, forward + backward, on L random (N, T, D) block features of the step's shapes.
+    feats = [torch.randn(args.batch_size, plain.x_embedder.num_patches, plain.pos_embed.shape[-1], device=device,
+                         requires_grad=True) for _ in range(plain.depth)]
+    pairs = diversity_pairs(plain.depth)
+    loss = torch.compile(diversity_loss) if args.compile else diversity_loss
+    alone = timed_rounds({"L_div": lambda: loss(feats, pairs).total.backward()}, 5 * args.steps, 1, device)
+    alone = statistics.median(alone["L_div"])
 
-def time_diversity_loss_alone(shapes, device, rounds, compiled=False):
-    """Median seconds of diversity_loss forward + backward on L random (N, T, D) block features."""
-    depth, n, t, d = shapes
-    feats = [torch.randn(n, t, d, device=device, requires_grad=True) for _ in range(depth)]
-    pairs = diversity_pairs(depth)
-    loss = torch.compile(diversity_loss) if compiled else diversity_loss
-    times = []
-    for _ in range(rounds + 1):  # the first round is a warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        loss(feats, pairs).total.backward()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    rows = [[name, f"{statistics.median(ts):.3f}", f"{median_ratio(ts, times['SiT']):.3f}×"]
+            for name, ts in times.items()]
+    rows.append(["L_div alone (forward + backward)", f"{alone:.3f}",
+                 f"{alone / statistics.median(times['SiT']):.1%} of a SiT step"])
+    table(f"{args.model}, batch {args.batch_size}, {args.image_size} px, fp32, {machine(device)}, "
+          f"{'torch.compile' if args.compile else 'eager'}, {args.steps} rounds after {args.warmup} warm-up steps",
+          ["variant", "s / step (median)", "vs SiT (median of per-round ratios)"], rows)
 
 
 def synthetic_prepared_folder(out, num_images, image_size, num_classes=1000):
@@ -194,16 +187,11 @@ def synthetic_prepared_folder(out, num_images, image_size, num_classes=1000):
     return out
 
 
-def bench_data(args):
-    """Samples / s of PreparedDataset through a shuffling DataLoader, from a synthetic folder in the real layout."""
+def bench_data(args, device):  # the DataLoader reads on the CPU, whatever the device
     N, S = args.num_images, args.image_size
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = synthetic_prepared_folder(Path(tmp) / "prepared", N, S)
-
-        print(f"\nPreparedDataset at {S} px, batch {args.batch_size}, shuffled, {args.num_workers} DataLoader "
-              f"workers, {N} images in the page cache\n")
-        print("| items | samples / s |")
-        print("|---|---|")
         for images in (False, True):
             loader = DataLoader(data.PreparedDataset(out, images=images), batch_size=args.batch_size, shuffle=True,
                                 num_workers=args.num_workers, drop_last=True)
@@ -213,33 +201,23 @@ def bench_data(args):
                     start = time.perf_counter()
                     continue
                 count += len(batch[0])
-            print(f"| {'moments, label, image' if images else 'moments, label'} | "
-                  f"{count / (time.perf_counter() - start):,.0f} |")
-
-
-class NullNetwork(torch.nn.Module):
-    """A stand-in network that costs nothing, so that a sampler's remaining time is its own loop."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.num_classes = num_classes
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        return torch.zeros_like(x)
+            rows.append(["moments, label, image" if images else "moments, label",
+                         f"{count / (time.perf_counter() - start):,.0f}"])
+    table(f"PreparedDataset at {S} px, batch {args.batch_size}, shuffled, {args.num_workers} DataLoader workers, "
+          f"{N} images in the page cache", ["items", "samples / s"], rows)
 
 
 def bench_train(args, device):
-    """A whole train.py step against the bare model step (forward, backward, AdamW) at the same batch.
+    """train.py runs on a synthetic prepared folder for 2K steps, logging every K: the second interval's rate is the
+    steady state (the first includes start-up). Rounds alternate train.py and K bare steps."""
+    K = args.steps
+    model = build_model(args.model, input_size=args.image_size // DOWNSAMPLING).to(device).train()
+    bare_step = make_train_step(model, latent_batch(args, model.num_classes, device))
 
-    train.py runs on a synthetic prepared folder for 2K steps, logging every K: the second interval's rate is the
-    steady state (the first includes start-up). Rounds alternate train.py and the bare step.
-    """
-    K, latent = args.steps, args.image_size // DOWNSAMPLING
-    model = build_model(args.model, input_size=latent).to(device).train()
-    x = torch.randn(args.batch_size, LATENT_CHANNELS, latent, latent, device=device)
-    eps, t = torch.randn_like(x), torch.rand(args.batch_size, device=device)
-    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
-    bare_step = make_train_step(model, with_diversity=False)
+    def bare_steps():
+        for _ in range(K):
+            bare_step()
+
     train_times, bare_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = synthetic_prepared_folder(Path(tmp) / "prepared", max(4 * K * args.batch_size, 64), args.image_size)
@@ -252,24 +230,17 @@ def bench_train(args, device):
             metrics = (next(results.iterdir()) / "metrics.jsonl").read_text().splitlines()
             train_times.append(1 / json.loads(metrics[-1])["steps_per_sec"])
             shutil.rmtree(results)
-            bare_step(x, eps, t, y)  # warm-up
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(K):
-                bare_step(x, eps, t, y)
-            synchronize(device)
-            bare_times.append((time.perf_counter() - start) / K)
-    print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px latents, fp32, {device.type} "
-          f"({torch.get_num_threads()} threads), {args.rounds} rounds of {K} steps, {args.num_workers} workers\n")
-    print("| round | train.py s / step | bare model s / step | ratio |")
-    print("|---|---|---|---|")
-    for r, (a, b) in enumerate(zip(train_times, bare_times)):
-        print(f"| {r + 1} | {a:.3f} | {b:.3f} | {a / b:.3f}× |")
-    print(f"| median | | | {statistics.median(a / b for a, b in zip(train_times, bare_times)):.3f}× |")
+            bare_step()  # warm-up
+            bare_times.append(timed_rounds({"bare": bare_steps}, 1, 0, device)["bare"][0] / K)
+    rows = [[str(r), f"{a:.3f}", f"{b:.3f}", f"{a / b:.3f}×"]
+            for r, (a, b) in enumerate(zip(train_times, bare_times), 1)]
+    rows.append(["median", "", "", f"{median_ratio(train_times, bare_times):.3f}×"])
+    table(f"{args.model}, batch {args.batch_size}, {args.image_size} px latents, fp32, {machine(device)}, "
+          f"{args.rounds} rounds of {K} steps, {args.num_workers} workers",
+          ["round", "train.py s / step", "bare model s / step", "ratio"], rows)
 
 
 def bench_fid(args, device):
-    """fid.py's feature extraction (images / s) and precision / recall on 20K × 10K features (time, peak memory)."""
     torch.manual_seed(0)
     model = fid.FIDInception().eval().to(device)  # random weights: the speed does not depend on them
     source = fid.Source(args.num_images, lambda start, stop, size: (
@@ -286,17 +257,14 @@ def bench_fid(args, device):
     fid.precision_recall(ref, samples)
     pr_seconds = time.perf_counter() - start
     peak_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2 ** 20  # KiB → GiB
-    print(f"\nfid.py on {device.type} ({torch.get_num_threads()} threads)\n")
-    print("| measurement | value |")
-    print("|---|---|")
-    print(f"| feature extraction, {args.num_images} random {args.image_size}-px images, batch {args.batch_size} | "
-          f"{extraction:.2f} images / s |")
-    print(f"| precision / recall, 20,000 samples × 10,000 references, 2048-d | {pr_seconds:.1f} s, peak memory "
-          f"+{peak_growth:.2f} GiB |")
+    table(f"fid.py on {machine(device)}", ["measurement", "value"], [
+        [f"feature extraction, {args.num_images} random {args.image_size}-px images, batch {args.batch_size}",
+         f"{extraction:.2f} images / s"],
+        ["precision / recall, 20,000 samples × 10,000 references, 2048-d",
+         f"{pr_seconds:.1f} s, peak memory +{peak_growth:.2f} GiB"]])
 
 
 def bench_sampler(args, device):
-    """Each sampler against the network forwards it makes, on the built-in dataset's workload."""
     torch.manual_seed(0)
     shapes = data.ShapesDataset()
     C, H, _ = shapes.input_shape
@@ -306,47 +274,37 @@ def bench_sampler(args, device):
     y = torch.randint(0, shapes.num_classes, (n,), device=device)
     rand = SampleRandomness(0, range(n))
     guided_steps = sum(1 for k in range(K) if 1 - k / K <= 0.7)
+    # A network that costs nothing: a sampler's time with it is its own loop's.
+    null = SimpleNamespace(forward_with_cfg=lambda x, t, y, cfg_scale: torch.zeros_like(x))
 
     @torch.no_grad()
-    def forwards(count, batch):
+    def forwards(batch):
         x, labels = torch.cat([z] * (batch // n)), torch.cat([y] * (batch // n))
-        for k in range(count):
-            model(x, torch.full((batch,), 1 - k / count, device=device), labels)
+        for k in range(K):
+            model(x, torch.full((batch,), 1 - k / K, device=device), labels)
 
     def sde(network):
-        noise = lambda like: rand.normal(like.shape[1:]).to(like.device)  # noqa: E731
-        euler_maruyama_sampler(network, z, y, K, noise=noise)
+        euler_maruyama_sampler(network, z, y, K, noise=lambda like: rand.normal(like.shape[1:]).to(like.device))
 
-    null = NullNetwork(shapes.num_classes)
     bare, bare2 = f"{K} forwards, batch {n}", f"{K} forwards, batch {2 * n}"
     runs = {  # name: (what to time, the bare-forward run it is compared with)
-        bare: (lambda: forwards(K, n), None),
+        bare: (lambda: forwards(n), None),
         f"euler, {K} steps": (lambda: euler_sampler(model, z, y, K), bare),
         "euler loop alone (network stubbed out)": (lambda: euler_sampler(null, z, y, K), bare),
         f"sde, {K} steps, per-sample noise": (lambda: sde(model), bare),
         "sde loop alone (network stubbed out)": (lambda: sde(null), bare),
-        bare2: (lambda: forwards(K, 2 * n), None),
+        bare2: (lambda: forwards(2 * n), None),
         "euler, cfg 4, t in [0, 1]": (lambda: euler_sampler(model, z, y, K, 4.0), bare2),
         f"euler, cfg 4, t in [0, 0.7] ({guided_steps} of {K} steps guided)": (
             lambda: euler_sampler(model, z, y, K, 4.0, (0.0, 0.7)), bare2),
     }
-    names = list(runs)
-    times = {name: [] for name in names}
-    for r in range(args.warmup + args.steps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            synchronize(device)
-            start = time.perf_counter()
-            runs[name][0]()
-            synchronize(device)
-            if r >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    print(f"\n{args.model} on {C}×{H}×{H} inputs, batch {n}, fp32, {device.type} ({torch.get_num_threads()} threads), "
-          f"{args.steps} rounds after {args.warmup} warm-up rounds\n")
-    print("| run | s (median) | vs its bare forwards (median of per-round ratios) |")
-    print("|---|---|---|")
-    for name, (_, base) in runs.items():
-        ratio = "" if base is None else f"{statistics.median(a / b for a, b in zip(times[name], times[base])):.3f}×"
-        print(f"| {name} | {statistics.median(times[name]):.3f} | {ratio} |")
+    times = timed_rounds({name: fn for name, (fn, _) in runs.items()}, args.steps, args.warmup, device)
+    rows = [[name, f"{statistics.median(times[name]):.3f}",
+             "" if base is None else f"{median_ratio(times[name], times[base]):.3f}×"]
+            for name, (_, base) in runs.items()]
+    table(f"{args.model} on {C}×{H}×{H} inputs, batch {n}, fp32, {machine(device)}, {args.steps} rounds after "
+          f"{args.warmup} warm-up rounds", ["run", "s (median)", "vs its bare forwards (median of per-round ratios)"],
+          rows)
 
 
 def main(args):
@@ -354,11 +312,9 @@ def main(args):
     args.num_images = args.num_images or {"data": 4096, "fid": 200}.get(args.benchmark)
     args.model = args.model or default_model
     args.batch_size = args.batch_size or default_batch
-    if args.benchmark == "data":
-        bench_data(args)
-        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    {"step": bench_step, "sampler": bench_sampler, "train": bench_train, "fid": bench_fid}[args.benchmark](args, device)
+    {"step": bench_step, "data": bench_data, "sampler": bench_sampler, "train": bench_train,
+     "fid": bench_fid}[args.benchmark](args, device)
 
 
 if __name__ == "__main__":

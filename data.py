@@ -15,8 +15,8 @@ turns a folder of class folders into a prepared folder of a few memory-mapped ar
     status.npy    (N,) uint8       0 pending, 1 done, 2 skipped (unreadable)
 
 Both datasets serve (x, y) or, with `images=True`, (x, y, image uint8 (3, S, S)). For a prepared folder x is the
-moments; `vae.sample_latents` draws a fresh latent from them each step (REPA's practice). For the built-in
-`ShapesDataset` x is the image itself in [-1, 1]: the model then trains in pixel space, with no VAE.
+moments (`vae.sample_latents` draws a fresh latent from them each step, as REPA); for the built-in ShapesDataset
+x is the image itself in [-1, 1] (pixel space, no VAE).
 """
 import argparse
 import errno
@@ -61,7 +61,7 @@ from vae import DOWNSAMPLING, LATENT_CHANNELS, LATENT_SCALE, encode_images, file
 
 FORMAT_VERSION = 1
 PENDING, DONE, SKIPPED = 0, 1, 2  # status.npy
-METADATA, FILES, LABELS, MOMENTS, IMAGES, STATUS = (
+NAMES = METADATA, FILES, LABELS, MOMENTS, IMAGES, STATUS = (
     "dataset.json", "files.txt", "labels.npy", "moments.npy", "images.npy", "status.npy")
 # What must agree for a re-run to continue a folder instead of being refused.
 CONFIGURATION = ("format", "image_size", "images", "batch_size", "bf16", "num_images", "files_sha256", "vae_sha256")
@@ -95,11 +95,9 @@ def read_metadata(path):
 
 
 class PreparedDataset(Dataset):
-    """A folder written by `python data.py`: (moments (8, h, w) float32, label) or (moments, label, image) items.
-
-    Arrays are memory-mapped, and opened in each DataLoader worker on first use, so that workers share the page
-    cache instead of copies. Images skipped as unreadable during preparation are left out.
-    """
+    """A folder written by `python data.py`: (moments (8, h, w) float32, label) or (moments, label, image) items,
+    without the images skipped as unreadable. The arrays are memory-mapped in each DataLoader worker on first use,
+    so that workers share the page cache instead of copies."""
 
     latent = True  # x holds VAE posterior moments: train on vae.sample_latents(x)
 
@@ -117,13 +115,11 @@ class PreparedDataset(Dataset):
                             f"reads them): prepare it again without --no-images")
         self.indices = np.flatnonzero(status == DONE)
         self.labels = np.load(self.path / LABELS)
-        self.images = images
-        self.classes = meta["classes"]
+        self.images, self.classes, self.image_size = images, meta["classes"], meta["image_size"]
         self.num_classes = len(self.classes)
-        self.image_size = meta["image_size"]
-        latent_size = self.image_size // DOWNSAMPLING
-        self.input_shape = (LATENT_CHANNELS, latent_size, latent_size)  # what the model sees
-        self._arrays = None  # opened lazily, per process
+        h = self.image_size // DOWNSAMPLING
+        self.input_shape = (LATENT_CHANNELS, h, h)  # what the model sees
+        self._arrays = None  # the memory maps, opened lazily in each process
 
     def __getstate__(self):  # DataLoader workers re-open the memory maps instead of receiving their contents
         return {**self.__dict__, "_arrays": None}
@@ -136,10 +132,8 @@ class PreparedDataset(Dataset):
             names = (MOMENTS, IMAGES) if self.images else (MOMENTS,)
             self._arrays = [np.load(self.path / name, mmap_mode="r") for name in names]
         j = self.indices[i]
-        item = [torch.from_numpy(np.array(self._arrays[0][j])), int(self.labels[j])]
-        if self.images:
-            item.append(torch.from_numpy(np.array(self._arrays[1][j])))
-        return tuple(item)
+        moments, *image = [torch.from_numpy(np.array(array[j])) for array in self._arrays]  # image if self.images
+        return (moments, int(self.labels[j]), *image)
 
 
 #################################################################################
@@ -189,12 +183,9 @@ def render_shape(shape, image_size, rng):
 
 
 class ShapesDataset(Dataset):
-    """10 classes of coloured shapes (disk, square, diamond, triangle, ring, plus, cross, frame, two bars).
-
-    Image i has label i mod 10 and is drawn from a generator seeded with (seed, i): the same seed gives the same
-    images in every process, with no download and no disk. Items are as PreparedDataset's, with x the image in
-    [-1, 1] (pixel space, no VAE).
-    """
+    """10 classes of coloured shapes (disk, square, diamond, triangle, ring, plus, cross, frame, two bars). Image i
+    has label i mod 10 and is drawn from a generator seeded with (seed, i): the same images in every process, with
+    no download and no disk. Items are as PreparedDataset's, with x the image in [-1, 1] (pixel space, no VAE)."""
 
     latent = False
     num_classes = 10
@@ -217,10 +208,9 @@ class ShapesDataset(Dataset):
 
 
 def shapes_classifier(image_size, seed=0, steps=200, num_images=2000, batch_size=64):
-    """A small CNN, trained here in seconds on a CPU, that names the shape in a ShapesDataset image: (N, 3, S, S)
-    in [-1, 1] → (N, 10) logits, in eval mode. It tells whether a sample shows the class it was asked for (the
-    built-in data's counterpart of ImageNet's Inception classifier); on ShapesDataset images of another seed it
-    is right about 99% of the time at 16 and 32 px (test_datasets.py checks ≥ 95% at 16 px)."""
+    """A small CNN, trained here in seconds on a CPU, that names the shape in a ShapesDataset image ((N, 3, S, S) in
+    [-1, 1] → (N, 10) logits): the built-in data's counterpart of ImageNet's Inception classifier, to tell whether a
+    sample shows its class. About 99% right on images of another seed at 16 and 32 px (the tests check ≥ 95%)."""
     shapes = ShapesDataset(num_images, image_size, seed=seed)
     x = torch.stack([shapes[i][0] for i in range(num_images)])  # (N, 3, S, S)
     y = torch.arange(num_images) % shapes.num_classes             # ShapesDataset's labels
@@ -297,8 +287,7 @@ def start_or_continue(out, meta, files, labels):
             raise UserError(f"{out} holds a dataset prepared with other settings ({'; '.join(changed)}); "
                             f"choose another --out or delete it")
         return
-    names = (METADATA, FILES, LABELS, MOMENTS, IMAGES, STATUS)
-    ours = {*names, *(temporary_path(out / name).name for name in names)}
+    ours = {*NAMES, *(temporary_path(out / name).name for name in NAMES)}
     if out.exists() and not {p.name for p in out.iterdir()} <= ours:  # our own leftovers are recreated
         raise UserError(f"--out {out} exists and is not a prepared dataset; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -317,7 +306,7 @@ def start_or_continue(out, meta, files, labels):
         with replace_atomically(out / METADATA) as tmp:  # written last: its presence means the arrays exist
             tmp.write_text(json.dumps(meta, indent=1))
     except OSError as e:
-        for name in names:  # what was created is removed: a full disk is left as it was
+        for name in NAMES:  # what was created is removed: a full disk is left as it was
             (out / name).unlink(missing_ok=True)
         if e.errno != errno.ENOSPC:
             raise
@@ -342,19 +331,17 @@ def write_rows(array, start, rows):
 def main(args):
     if args.image_size % DOWNSAMPLING:
         raise UserError(f"--image-size must be a multiple of {DOWNSAMPLING} (the VAE's downsampling)")
-    # Rank 0 lists and hashes before the first barrier: on a slow file system that takes longer than the default
-    # 10-minute collective timeout.
+    # Rank 0 lists and hashes before the first barrier: on a slow file system, longer than the default 10 minutes.
     rank, world_size, device = init_distributed(timeout=timedelta(hours=2))
     out = Path(args.out)
     if rank == 0:  # lists the images, fetches and loads the weights, then creates or checks the folder; others wait
         files, labels, classes = list_image_folder(args.data_path)
         vae = load_vae(args.vae, device)  # before the folder exists: weights that do not load leave nothing behind
-        vae_path = vae_weights_path(args.vae)
         meta = {
             "format": FORMAT_VERSION, "image_size": args.image_size, "images": args.images,
             "batch_size": args.batch_size, "bf16": args.bf16, "num_images": len(files),
             "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
-            "vae_sha256": file_sha256(vae_path), "vae": args.vae, "classes": classes,
+            "vae_sha256": file_sha256(vae_weights_path(args.vae)), "vae": args.vae, "classes": classes,
             "source": str(Path(args.data_path).resolve()), "horizontal_flip": False,
             "moments": f"VAE posterior mean and std, unscaled: latents = (mean + std·ε)·{LATENT_SCALE}",
             "torch": torch.__version__, "code": git_commit(),
@@ -372,8 +359,7 @@ def main(args):
     # Fixed chunks of batch_size images: the same chunk is the same batch however often the run is interrupted
     # and however many ranks share the work, so the result equals that of one uninterrupted run.
     B, N = meta["batch_size"], len(files)
-    chunks = [range(k * B, min(N, (k + 1) * B)) for k in range(math.ceil(N / B))]
-    pending = [chunk for chunk in chunks if (status[chunk.start:chunk.stop] == PENDING).any()]
+    pending = [range(lo, min(N, lo + B)) for lo in range(0, N, B) if (status[lo:lo + B] == PENDING).any()]
     barrier()  # every rank has read the same status before anyone writes to it
     if world_size > 1:
         print(f"rank {rank}: {len(pending[rank::world_size])} of {len(pending)} pending batches")

@@ -6,15 +6,12 @@
 
 REF and SAMPLES may each be an `.npz` with `arr_0` (N, H, W, 3) uint8 (ADM's batches; sample.py writes them), a
 folder of images, or a statistics file saved with --save-stats. A reference that carries `mu, sigma, mu_s,
-sigma_s` (the ADM reference batches do) supplies its FID / sFID statistics, as in the ADM evaluator; its images
-are still used for precision and recall. Results are printed and written as JSON (`--out`).
+sigma_s` (ADM's do) supplies its FID / sFID statistics, as in the ADM evaluator; its images still serve precision
+and recall. Results are printed and written as JSON (`--out`).
 
 The network is the FID Inception (TensorFlow's 2015-12-05 graph) in torchvision's layout, as pytorch-fid and
-torch-fidelity port it, with TensorFlow-1's bilinear resize and normalisation in front:
-
-    uint8 (N, 3, H, W) → float 0..255 → TF-1 bilinear resize to 299×299 → (x − 128)/128 → Inception
-      pool_3 (N, 2048): FID, precision / recall      Mixed_6d.branch1x1[:, :7] in (h, w, c) order (N, 2023): sFID
-      pool_3 · fc.weightᵀ, no bias (N, 1008): Inception Score
+torch-fidelity port it, after TensorFlow-1's bilinear resize to 299×299 and (x − 128)/128. Its pool_3 features
+serve FID, precision and recall; Mixed_6d's first 7 channels sFID; pool_3 · fc.weightᵀ the Inception Score.
 """
 import argparse
 import json
@@ -72,7 +69,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 def tf_pool(x, max_pool=False):
     """The pool branch's 3×3 / stride 1 / SAME pooling as the TF graph does it: an average that ignores the zero
-    padding (count_include_pad=False), or, in the last block only, a max (a quirk of that graph)."""
+    padding, or, in the last block only, a max (a quirk of that graph)."""
     if max_pool:
         return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -88,10 +85,8 @@ class InceptionA(tv.InceptionA):
 class InceptionC(tv.InceptionC):
     def _forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            b7dbl = conv(b7dbl)
+        b7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(b7dbl))
         return [self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_pool(x))]
 
 
@@ -115,13 +110,11 @@ class InceptionFeatures(NamedTuple):
 
 
 def tf1_resize_bilinear(x, size):
-    """TensorFlow-1's `resize_bilinear` (align_corners=False, no half-pixel centres, no antialiasing).
-
-    Output pixel d samples the input at d·(in/out), computed in float32; the lower neighbour is its floor and
+    """TensorFlow-1's `resize_bilinear` (align_corners=False, no half-pixel centres, no antialiasing):
+    output pixel d samples the input at d·(in/out), computed in float32; the lower neighbour is its floor and
     the upper one is clamped to the edge; interpolate along x on the two rows, then along y, in TF's order of
     operations. x: (N, C, H, W) → (N, C, size, size) in channels-last memory (what the convolutions run fastest
-    on here), computed on an (N, H, W, C) copy.
-    """
+    on here), computed on an (N, H, W, C) copy."""
     def axis(n_in):
         src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size)
         lo = src.floor().long()
@@ -173,9 +166,8 @@ def load_inception(path=None, device="cpu"):
             try:
                 torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix="6726825d", progress=True)
             except (OSError, RuntimeError) as e:  # no network, or a file whose hash does not match
-                raise UserError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). "
-                                f"Download the file where there is internet and pass it as --inception PATH."
-                                ) from None
+                raise UserError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). Download "
+                                f"the file where there is internet and pass it as --inception PATH.") from None
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--inception {path} does not exist (the weights are at {INCEPTION_URL})")
@@ -183,14 +175,10 @@ def load_inception(path=None, device="cpu"):
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, TypeError):  # not a weight file, or other weights
-        raise UserError(f"{path} is not the FID Inception's weights (expected the state dict {INCEPTION_URL})"
-                        ) from None
+        raise UserError(f"{path} is not the FID Inception's weights (expected the state dict "
+                        f"{INCEPTION_URL})") from None
     return model.eval().requires_grad_(False).to(device)
 
-
-#################################################################################
-#                                       Inputs                                  #
-#################################################################################
 
 class Source(NamedTuple):
     """One input: images to run through the network (or none), and statistics it carries (or none)."""
@@ -198,36 +186,6 @@ class Source(NamedTuple):
     batches: object       # batches(start, stop, size) → iterator of uint8 (n, H, W, 3) arrays, or None
     stats: dict           # mu, sigma, mu_s, sigma_s when the file carries them, else {}
     pool: np.ndarray      # (N, 2048) features of a saved statistics file, else None
-
-
-def npz_image_reader(path):
-    """(N, batches) for the images `arr_0` of an .npz, streamed from the zip: 50K images never sit in memory."""
-    archive = zipfile.ZipFile(path)
-    with archive.open("arr_0.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise UserError(f"{path}: arr_0 has .npy format version {version}, not 1.0 or 2.0")
-        shape, fortran, dtype = read_header[version](f)
-        offset = f.tell()
-    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
-        raise UserError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
-    image_bytes = shape[1] * shape[2] * 3
-
-    def batches(start, stop, size):
-        with archive.open("arr_0.npy") as f:  # one pass, front to back: zip members seek forward by reading
-            f.seek(offset + start * image_bytes)
-            for lo in range(start, stop, size):
-                n = min(stop, lo + size) - lo
-                try:
-                    data = f.read(n * image_bytes)
-                except zipfile.BadZipFile as e:  # a failed CRC check at the member's end
-                    raise UserError(f"{path}: arr_0 is corrupt or truncated ({e})") from None
-                if len(data) != n * image_bytes:
-                    raise UserError(f"{path}: arr_0 is truncated (images from {lo} on of {shape[0]})")
-                yield np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:])
-
-    return shape[0], batches
 
 
 def open_source(path):
@@ -264,12 +222,40 @@ def open_source(path):
         return Source(len(npz["pool"]), None, stats, npz["pool"])
     if "arr_0" not in npz.files:
         raise UserError(f"{path} has neither images (arr_0) nor saved statistics (pool); keys: {npz.files}")
-    return Source(*npz_image_reader(path), stats, None)
+    # The images are streamed from the zip, so that 50K of them never sit in memory.
+    with npz.zip.open("arr_0.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise UserError(f"{path}: arr_0 has .npy format version {version}, not 1.0 or 2.0")
+        shape, fortran, dtype = read_header[version](f)
+        offset = f.tell()
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
+        raise UserError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
+    image_bytes = shape[1] * shape[2] * 3
+
+    def npz_batches(start, stop, size):
+        with npz.zip.open("arr_0.npy") as f:  # one pass, front to back: zip members seek forward by reading
+            f.seek(offset + start * image_bytes)
+            for lo in range(start, stop, size):
+                n = min(stop, lo + size) - lo
+                try:
+                    data = f.read(n * image_bytes)
+                except zipfile.BadZipFile as e:  # a failed CRC check at the member's end
+                    raise UserError(f"{path}: arr_0 is corrupt or truncated ({e})") from None
+                if len(data) != n * image_bytes:
+                    raise UserError(f"{path}: arr_0 is truncated (images from {lo} on of {shape[0]})")
+                yield np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:])
+
+    return Source(shape[0], npz_batches, stats, None)
 
 
 @torch.no_grad()
 def extract_features(model, source, batch_size, rank=0, world_size=1, desc="features"):
-    """InceptionFeatures of every image of `source` as numpy arrays, in order; each rank runs a contiguous slice."""
+    """InceptionFeatures of every image of `source` as numpy arrays, in order; each rank runs a contiguous slice.
+    For a saved statistics file: its pool features, and the logits computed from them."""
+    if source.pool is not None:
+        return InceptionFeatures(source.pool, None, (torch.from_numpy(source.pool) @ model.fc.weight.cpu().T).numpy())
     device = next(model.parameters()).device
     start, stop = rank * source.count // world_size, (rank + 1) * source.count // world_size
     parts = []
@@ -277,7 +263,7 @@ def extract_features(model, source, batch_size, rank=0, world_size=1, desc="feat
                       desc=desc, disable=rank != 0):
         images = torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2)  # (n, 3, H, W), a copy
         parts.append([f.cpu().numpy() for f in model(images)])
-    mine = [np.concatenate(columns) if columns else None for columns in zip(*parts)] if parts else [None] * 3
+    mine = [np.concatenate(columns) for columns in zip(*parts)] if parts else [None] * 3
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
@@ -289,17 +275,11 @@ def extract_features(model, source, batch_size, rank=0, world_size=1, desc="feat
 #                                      Metrics                                  #
 #################################################################################
 
-def feature_statistics(features):
-    """(μ, Σ): the mean (in the features' float32, as ADM) and the unbiased covariance (float64)."""
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FD_EPS):
     """d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (Heusel et al. 2017), computed as ADM / pytorch-fid do.
 
     When sqrtm(Σ₁Σ₂) is not finite, eps·I is added to both covariances; an imaginary part is dropped when its
-    diagonal is below 1e-3, and is an error otherwise.
-    """
+    diagonal is below 1e-3, and is an error otherwise."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -319,9 +299,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FD_EPS):
 
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
     """IS = exp(E_x KL(p(y|x) ‖ p(y))) on contiguous splits of `split_size` samples, averaged (ADM, improved-gan).
-
-    logits: (N, 1008) float32. The softmax and the logarithms run in float32, as in the ADM evaluator.
-    """
+    logits: (N, 1008). The softmax and the logarithms run in float32, as in the ADM evaluator."""
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
     scores = []
     for start in range(0, len(probs), split_size):
@@ -338,8 +316,7 @@ def squared_distances(a, b):
     entry overflows float16, as the evaluator's tf.cond does.
 
     TF's reduce_sum adds float16 numbers in float16, in its kernel's order (CUB's tree on a GPU), which we do not
-    copy: we add in float32 and round once, so a norm can still differ from the evaluator's by a float16 step.
-    """
+    copy: we add in float32 and round once, so a norm can still differ from the evaluator's by a float16 step."""
     a16, b16 = a.half(), b.half()
     na, nb = (a16 * a16).float().sum(1).half(), (b16 * b16).float().sum(1).half()  # (m,), (n,): float16 squares
     dot = (a16.float() @ b16.float().T).half()                                      # (m, n)
@@ -352,9 +329,7 @@ def squared_distances(a, b):
 
 def manifold_radii(features, k=PR_NEIGHBOURS, batch=PR_BATCH):
     """Each point's squared distance to its k-th nearest other point: the (k+1)-th smallest, itself included.
-
-    Rows and columns go in blocks of `batch`, keeping only the k + 1 smallest per row: memory ~ batch².
-    """
+    Rows and columns go in blocks of `batch`, keeping only the k + 1 smallest per row: memory ~ batch²."""
     x = torch.as_tensor(features, dtype=torch.float32)
     radii = []
     for rows in x.split(batch):
@@ -381,41 +356,27 @@ def covered(points, centres, radii, batch=PR_BATCH):
 def precision_recall(ref_features, sample_features, k=PR_NEIGHBOURS, batch=PR_BATCH):
     """Kynkäänniemi et al. (2019) as ADM estimates them: precision = the fraction of samples inside the reference
     manifold (the union of balls around reference points, radius = k-NN distance), recall = the reverse."""
-    ref_radii = manifold_radii(ref_features, k, batch)
-    sample_radii = manifold_radii(sample_features, k, batch)
+    ref_radii, sample_radii = manifold_radii(ref_features, k, batch), manifold_radii(sample_features, k, batch)
     precision = covered(sample_features, ref_features, ref_radii, batch).float().mean().item()
     recall = covered(ref_features, sample_features, sample_radii, batch).float().mean().item()
     return precision, recall
 
 
-#################################################################################
-#                                        Main                                   #
-#################################################################################
-
 def statistics_of(source, features):
-    """FID and sFID statistics: those the file carries (ADM), else computed from the features."""
+    """FID and sFID statistics: those the file carries (ADM), else the means (in the features' float32, as ADM) and
+    the unbiased covariances (float64) of the pool and spatial features."""
     if source.stats:
         return source.stats
-    mu, sigma = feature_statistics(features.pool)
-    mu_s, sigma_s = feature_statistics(features.spatial)
-    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-
-
-def features_of(model, source, args, rank, world_size, desc):
-    if source.pool is not None:  # a saved statistics file: logits from the saved pool features
-        pool = torch.from_numpy(source.pool)
-        logits = (pool @ model.fc.weight.cpu().T).numpy()
-        return InceptionFeatures(source.pool, None, logits)
-    return extract_features(model, source, args.batch_size, rank, world_size, desc)
+    return {"mu": features.pool.mean(axis=0), "sigma": np.cov(features.pool, rowvar=False),
+            "mu_s": features.spatial.mean(axis=0), "sigma_s": np.cov(features.spatial, rowvar=False)}
 
 
 def open_inputs(args):
     """The inputs, checked before any weights are loaded (or downloaded). Each must hold enough images for its
     metrics: a covariance (FID, sFID) needs 2, precision and recall a point and its k nearest neighbours."""
-    if args.save_stats and args.samples is not None:
-        raise UserError("--save-stats takes one input: python fid.py INPUT --save-stats OUT.npz")
-    if not args.save_stats and args.samples is None:
-        raise UserError("give a reference and a sample batch: python fid.py REF SAMPLES")
+    if bool(args.save_stats) == (args.samples is not None):
+        raise UserError("give a reference and a sample batch (python fid.py REF SAMPLES), or one input with "
+                        "--save-stats (python fid.py INPUT --save-stats OUT.npz)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     paths = [args.ref] if args.save_stats else [args.ref, args.samples]
@@ -432,19 +393,14 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # reference-grade features
     rank, world_size, device = init_distributed()
     model = load_inception(args.inception, device)
-    if args.save_stats:
-        source, = sources
-        features = features_of(model, source, args, rank, world_size, "features")
-        if rank == 0:
-            stats = statistics_of(source, features)
-            np.savez(args.save_stats, pool=features.pool, **stats)
-            print(f"saved the statistics of {len(features.pool)} images to {args.save_stats}")
-        close_distributed()
-        return
-    ref, samples = sources
-    ref_features = features_of(model, ref, args, rank, world_size, "reference")
-    sample_features = features_of(model, samples, args, rank, world_size, "samples")
-    if rank == 0:
+    descs = ["features"] if args.save_stats else ["reference", "samples"]
+    features = [extract_features(model, source, args.batch_size, rank, world_size, desc)
+                for source, desc in zip(sources, descs)]
+    if rank == 0 and args.save_stats:
+        np.savez(args.save_stats, pool=features[0].pool, **statistics_of(sources[0], features[0]))
+        print(f"saved the statistics of {len(features[0].pool)} images to {args.save_stats}")
+    elif rank == 0:
+        (ref, samples), (ref_features, sample_features) = sources, features
         ref_stats, sample_stats = statistics_of(ref, ref_features), statistics_of(samples, sample_features)
         precision, recall = precision_recall(ref_features.pool, sample_features.pool)
         results = {

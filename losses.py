@@ -219,7 +219,8 @@ def adaptive_weight(l_div):
 
     It keeps L_div from being optimised towards 0, where training diverges (paper Table 8). The paper does not
     say whether w is detached; the release does not detach it, and neither do we, so in the middle range the
-    gradient of w·L_div is (2·L_div − 0.1) / 0.5.
+    gradient of w·L_div is (2·L_div − 0.1) / 0.5. Only the printed range [0.1, 0.5] is implemented: the paper's
+    Table 8 also reports [0.2, 0.7] and [0.3, 0.9] without saying how they map onto the formula.
     """
     low, high = ADAPTIVE_WEIGHT_RANGE
     return torch.where(l_div > high, 1.0, torch.where(l_div > low, (l_div - low) / ADAPTIVE_WEIGHT_SCALE, 0.0))
@@ -229,7 +230,7 @@ def adaptive_weight(l_div):
 #                  DispLoss (Wang & He 2025) and SRA (Jiang et al. 2025)         #
 #################################################################################
 
-def dispersive_loss(z, tau=1.0):
+def disploss(z, tau=1.0):
     """L_Disp = log( (1/N²) Σ_{i,j} exp(−‖z_i − z_j‖² / (τ·d)) ), the InfoNCE-ℓ2 form of "Diffuse and Disperse".
 
     z: (N, T, D), one block's output; each sample is flattened to d = T·D values and the squared distance is
@@ -254,6 +255,8 @@ def sra_loss(student, teacher, beta=0.05):
 
     student: (N, T, D), the SRA head applied to the student's block-s output; teacher: (N, T, D), the EMA
     teacher's block-t output at the less noisy time, under stop-gradient. β = 0.05; weight 0.2 in the paper.
+    This is the SRA paper's setting, which the DiverseDiT paper combines with; SRA's release has since moved to
+    a cosine loss.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features differ")

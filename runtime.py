@@ -16,9 +16,8 @@ import torch.distributed as dist
 def init_distributed(timeout=None):
     """(rank, world_size, device) of this process; `timeout` bounds each collective (torch's default if None).
 
-    Under torchrun it joins the process group (NCCL on GPUs, gloo on CPUs) and takes its GPU from LOCAL_RANK:
-    the global rank would index past the GPUs of a node on the second node (DiT #79, SiT #8). Without torchrun
-    it is rank 0 of 1, on CUDA if present, else on the CPU.
+    Under torchrun: NCCL on GPUs, gloo on CPUs, the GPU from LOCAL_RANK (the global rank would index past the GPUs
+    of a node on the second node: DiT #79, SiT #8). Without torchrun: rank 0 of 1, on CUDA if present.
     """
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,13 +34,12 @@ def init_distributed(timeout=None):
 
 def exit_with_parent():
     """Ask Linux to send this process SIGTERM when its parent dies: a worker whose torchrun agent was killed would
-    otherwise train on unsupervised. Elsewhere (no prctl) it does nothing."""
-    if sys.platform != "linux":
-        return
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    otherwise train on unsupervised. Elsewhere it does nothing."""
+    if sys.platform == "linux":
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def barrier():
@@ -82,18 +80,16 @@ def run(main, args):
         sys.exit(2)
 
 
-def temporary_path(path):
-    """Where `replace_atomically` writes `path` before renaming it: a hidden file beside it."""
+def temporary_path(path):  # where `replace_atomically` writes `path` before renaming it
     return path.with_name(f".{path.name}.tmp")
 
 
 @contextlib.contextmanager
 def replace_atomically(path):
     """Yield a temporary path beside `path` to write to; when the block ends without error, rename it over `path`
-    and sync the folder, so that the rename survives a power cut. A run killed at any moment leaves either the old
-    file or the new one, never a truncated file. On an error the temporary file is removed; a full disk is
-    reported as an OSError(ENOSPC) naming `path`.
-    """
+    and sync the folder (so that the rename survives a power cut): a run killed at any moment leaves the old file or
+    the new one, never a truncated one. On an error the temporary file is removed; a full disk is reported as an
+    OSError(ENOSPC) naming `path`."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -118,13 +114,9 @@ def disk_full(error):
 
 def sync_folder(folder):
     """fsync a folder, so that the names just created or renamed in it are on disk (where the OS allows it)."""
-    try:
+    with contextlib.suppress(OSError):  # some systems cannot open or sync a folder
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems do not sync folders
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -11,16 +11,14 @@ and started again with the same command continues where it stopped and ends with
 Time convention (REPA's): samplers integrate from t = 1 (noise) to t = 0 (data).
 """
 import argparse
-import contextlib
 import itertools
 import json
 import re
 import zipfile
 from pathlib import Path
 
-SAMPLERS = ("euler", "heun", "sde", "meanflow")
-DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250, "meanflow": 1}  # REPA's ODE default; the papers' SDE FID
-                                                                       # setting; MeanFlow's one step
+# Steps per sampler: REPA's ODE default; the papers' SDE FID setting; MeanFlow's one step.
+DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250, "meanflow": 1}
 
 
 def build_parser():
@@ -29,7 +27,7 @@ def build_parser():
     parser.add_argument("--weights", choices=["ema", "model"], default="ema",
                         help="which weights of a training checkpoint")
     parser.add_argument("--model", default=None, help="expected model (e.g. SiT-XL/2); read from the weights anyway")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="euler",
+    parser.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="euler",
                         help="euler / heun (ODE), sde (Euler–Maruyama, the papers' FID sampler), or meanflow "
                              "(for MeanFlow models)")
     parser.add_argument("--num-steps", type=int, default=None,
@@ -38,8 +36,8 @@ def build_parser():
                         help="1 = no guidance")
     parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only where low ≤ t ≤ high (REPA)")
     parser.add_argument("--guidance-high", type=float, default=1.0)
-    parser.add_argument("--num-fid-samples", type=int, default=None, help="write this many PNGs and an .npz; "
-                                                                          "without it, a grid")
+    parser.add_argument("--num-fid-samples", type=int, default=None,
+                        help="write this many PNGs and an .npz; without it, a grid")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="grid classes")
     parser.add_argument("--images-per-class", type=int, default=4, help="grid columns")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)  # REPA generate.py's default
@@ -71,40 +69,29 @@ SDE_LAST_TIME = 0.04  # REPA: Euler–Maruyama down to t = 0.04, then one determ
 GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (ImageNet classes)
 
 
-#################################################################################
-#                                    Samplers                                   #
-#################################################################################
-
 def guidance_at(t, cfg_scale, interval):
     """The guidance scale of a step that starts at time t: cfg_scale inside [low, high], else 1 (no guidance).
-
     The one place that decides where to guide. REPA guides only when cfg_scale > 1; here any scale other than 1
-    guides (the two agree on every scale the papers use).
-    """
+    guides (the two agree on every scale the papers use)."""
     low, high = interval
     return cfg_scale if low <= t <= high else 1.0
 
 
 def velocity(model, x, t, y, cfg_scale):
-    """v(x, t | y) as float64, guided with cfg_scale on all channels (1: one conditional forward alone).
-
-    x: (N, C, H, W) float64 state; t: a scalar time. The network runs in float32 (or under the caller's autocast),
-    as REPA's samplers run it, while the sampler accumulates in float64.
-    """
+    """v(x, t | y) as float64, guided with cfg_scale on all channels. x: (N, C, H, W) float64; t: a scalar.
+    The network runs in float32 (or the caller's autocast) while the sampler accumulates in float64, as REPA's."""
     t_batch = torch.full((len(x),), float(t), device=x.device)  # (N,)
     return model.forward_with_cfg(x.float(), t_batch, y, cfg_scale).double()
 
 
 @torch.no_grad()
 def euler_sampler(model, z, y, num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0), heun=False):
-    """The probability-flow ODE dx/dt = v(x, t | y), integrated from x = z at t = 1 to t = 0 on a uniform grid.
+    """The probability-flow ODE dx/dt = v(x, t | y), integrated from x = z at t = 1 to t = 0 on a uniform grid:
 
-    Euler:  x_{k+1} = x_k + (t_{k+1} − t_k)·v(x_k, t_k).
-    Heun:   x_{k+1} = x_k + (t_{k+1} − t_k)·(v(x_k, t_k) + v(x̃_{k+1}, t_{k+1}))/2, with x̃_{k+1} the Euler step,
-            on every step but the last, which stays Euler (as REPA and EDM; it would evaluate the network at t = 0).
-    Guidance is decided once per step, at the step's start time (as REPA), so both slopes of a Heun step come
-    from the same field. Network evaluations: num_steps (Euler), 2·num_steps − 1 (Heun).
-    """
+    Euler:  x_{k+1} = x_k + (t_{k+1} − t_k)·v(x_k, t_k);
+    Heun:   x_{k+1} = x_k + (t_{k+1} − t_k)·(v(x_k, t_k) + v(x̃_{k+1}, t_{k+1}))/2, x̃_{k+1} the Euler step, on every
+            step but the last, which stays Euler (as REPA and EDM; it would evaluate the network at t = 0).
+    Guidance is decided once per step, at its start time (as REPA), so both slopes of a Heun step share one field."""
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     x = z.double()
     for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -118,23 +105,15 @@ def euler_sampler(model, z, y, num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
     return x.float()
 
 
-def score_from_velocity(v, x, t):
-    """Score of the linear path x_t = (1 − t)·x_0 + t·ε from its velocity v = ε − x_0: s(x, t) = −((1 − t)·v + x)/t.
-
-    From x_t = x_0 + t·v: E[ε | x_t] = x_t + (1 − t)·v, and s = −E[ε | x_t] / t.
-    """
-    return -((1 - t) * v + x) / t
-
-
 @torch.no_grad()
 def euler_maruyama_sampler(model, z, y, num_steps=250, cfg_scale=1.0, interval=(0.0, 1.0), noise=torch.randn_like):
     """REPA's SDE sampler: reverse-time Euler–Maruyama with diffusion coefficient w(t) = 2t (SiT's "sigma" form):
 
         x_{k+1} = x_k + [v − ½·w(t_k)·s(x_k, t_k)]·(t_{k+1} − t_k) + √w(t_k) · √|t_{k+1} − t_k| · ε_k,
 
-    v = v(x_k, t_k | y), s = score_from_velocity, on t = linspace(1, 0.04, num_steps) — num_steps − 1 stochastic
-    steps — then one step from 0.04 to 0 with the drift alone (the transition's mean): num_steps network
-    evaluations. `noise(x)` draws each ε_k, standard normal and shaped like x.
+    v = v(x_k, t_k | y) and s the linear path's score, s = −((1 − t)·v + x)/t (from x_t = x_0 + t·v: E[ε | x_t] =
+    x_t + (1 − t)·v, and s = −E[ε | x_t]/t), on t = linspace(1, 0.04, num_steps), then one step from 0.04 to 0 with
+    the drift alone (the transition's mean): num_steps network evaluations. `noise(x)` draws each ε_k, shaped like x.
     """
     t_steps = torch.cat([torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64),
                          torch.zeros(1, dtype=torch.float64)])
@@ -143,7 +122,8 @@ def euler_maruyama_sampler(model, z, y, num_steps=250, cfg_scale=1.0, interval=(
         dt = t_next - t_cur  # < 0
         w = 2 * t_cur
         v = velocity(model, x, t_cur, y, guidance_at(t_cur, cfg_scale, interval))
-        drift = v - 0.5 * w * score_from_velocity(v, x, t_cur)
+        score = -((1 - t_cur) * v + x) / t_cur
+        drift = v - 0.5 * w * score
         if k < num_steps - 1:
             x = x + drift * dt + torch.sqrt(w) * (noise(x) * torch.sqrt(dt.abs()))
         else:  # the last step, to t = 0: its mean
@@ -169,16 +149,9 @@ def model_evaluations(sampler, num_steps):
     return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
-#################################################################################
-#                        Randomness per sample, and images                      #
-#################################################################################
-
 class SampleRandomness:
-    """One random stream per sample index i, from numpy's generator seeded with (seed, i).
-
-    Sample i's label, starting noise and SDE noise then do not depend on the batch it falls in, the number of
-    processes, or an interruption: a resumed run writes exactly the files of an uninterrupted one.
-    """
+    """One random stream per sample index i, from numpy's generator seeded with (seed, i): sample i's label, starting
+    noise and SDE noise do not depend on its batch, the number of processes, or an interruption."""
 
     def __init__(self, seed, indices):
         self.rngs = [np.random.default_rng([seed, i]) for i in indices]
@@ -188,11 +161,6 @@ class SampleRandomness:
 
     def normal(self, shape):
         return torch.from_numpy(np.stack([rng.standard_normal(shape) for rng in self.rngs]))  # (N, *shape) float64
-
-
-def to_uint8(x):
-    """Images in [-1, 1], (N, 3, H, W) → (N, H, W, 3) uint8 by clamp(127.5·x + 128) rounded down (DiT / SiT)."""
-    return (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def generate(model, vae, indices, *, seed, sampler="euler", num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
@@ -211,8 +179,13 @@ def generate(model, vae, indices, *, seed, sampler="euler", num_steps=50, cfg_sc
         else:
             x = euler_sampler(model, z, y, num_steps, cfg_scale, interval, heun=sampler == "heun")
     if vae is not None:
-        x = decode_latents(vae, x, bf16=bf16)  # in chunks of vae.py's default size
+        x = decode_latents(vae, x, bf16=bf16)
     return to_uint8(x.cpu())
+
+
+def to_uint8(x):
+    """Images in [-1, 1], (N, 3, H, W) → (N, H, W, 3) uint8 by clamp(127.5·x + 128) rounded down (DiT / SiT)."""
+    return (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def save_grid(images, columns, path):
@@ -222,22 +195,18 @@ def save_grid(images, columns, path):
 
 
 def save_png(image, path):
-    """Write an (H, W, 3) uint8 image atomically: a killed run never leaves a truncated PNG behind."""
     with replace_atomically(path) as tmp:
         Image.fromarray(image.numpy()).save(tmp, format="PNG")
 
 
 def save_json(settings, path):
-    """Write the settings atomically: a run cut short never leaves a truncated record that later runs cannot read."""
     with replace_atomically(path) as tmp:
         tmp.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def write_npz(folder, num_samples, path):
     """Pack folder/000000.png … into `path` with one array `arr_0` (N, H, W, 3) uint8, as the ADM evaluator reads.
-
-    The .npy inside the (uncompressed) zip is streamed image by image, so 50K images never sit in memory at once.
-    """
+    The .npy inside the (uncompressed) zip is streamed image by image: 50K images never sit in memory at once."""
     first = np.asarray(Image.open(folder / f"{0:06d}.png"))
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num_samples, *first.shape)}
@@ -251,9 +220,10 @@ def write_npz(folder, num_samples, path):
                 f.write(image.tobytes())
 
 
-#################################################################################
-#                                   Checkpoints                                 #
-#################################################################################
+def beside(path, suffix):
+    """path + suffix; not Path.with_suffix, which would cut a name like "…-interval-0-0.7" at its dot."""
+    return path.parent / f"{path.name}{suffix}"
+
 
 def load_sampling_model(path, weights="ema", model_name=None):
     """(network in eval mode, description) for a checkpoint of one of three kinds:
@@ -262,10 +232,8 @@ def load_sampling_model(path, weights="ema", model_name=None):
     - REPA's last.pt: a bare state dict with projectors and 4 output channels, in REPA's time convention (ours);
     - the official SiT-XL-2-256.pt: a bare state dict without projectors and with learn_sigma's 8 output channels,
       in SiT's time convention (t = 1 data), which the model converts (`sit_time=True`).
-    Any other file is refused with a description of what it holds: its time convention cannot be known. The
-    architecture is read off the weights (`models.config_from_state_dict`); the training-only heads (REPA
-    projectors, SRA head) are not built, and everything else loads strictly.
-    """
+    Any other file is refused, saying what it holds: its time convention cannot be known. The architecture is read
+    off the weights; the training-only heads (REPA projectors, SRA head) are not built; the rest loads strictly."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ckpt {path} does not exist")
@@ -277,28 +245,39 @@ def load_sampling_model(path, weights="ema", model_name=None):
         found = re.search(r"GLOBAL (\S+)", str(e))  # the class that weights_only refused to unpickle
         raise UserError(f"{path} is not a checkpoint this script reads: a torch file holding " + (
             f"a pickled {found[1]}, which does not load safely" if found else f"what torch cannot read ({e})")) from None
-    path_type, training_data = "linear", None
-    if isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys():
-        if not isinstance(ckpt["args"], dict):
-            raise UserError(f"{path}: its training arguments are a {type(ckpt['args']).__name__}, not a dict")
-        state_dict, kind, sit_time = ckpt[weights], "DiverseDiT training checkpoint", False
-        path_type, training_data = ckpt["args"].get("path_type", "linear"), ckpt["args"].get("data_path")
-    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    training = isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys()
+    if training and not isinstance(ckpt["args"], dict):
+        raise UserError(f"{path}: its training arguments are a {type(ckpt['args']).__name__}, not a dict")
+    if not training:
+        if not (isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())):
+            keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
+            raise UserError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and "
+                             f"args) nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}"
+                             + (f" with keys {keys}" if keys else ""))
         if weights != "ema":
             raise UserError(f"{path} is a bare state dict, which holds one set of weights (the released EMA); "
                              f"--weights {weights} applies to this project's training checkpoints only")
-        state_dict, (kind, sit_time) = ckpt, bare_state_dict_kind(path, ckpt)
-    else:
-        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
-        raise UserError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and args) "
-                         f"nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}"
-                         + (f" with keys {keys}" if keys else ""))
+        if any(key.startswith("module.") for key in ckpt):
+            raise UserError(f"{path}: keys start with 'module.' (saved from a DDP wrapper); strip that prefix first")
+    state_dict, train_args = (ckpt[weights], ckpt["args"]) if training else (ckpt, {})
+    kind = "DiverseDiT training checkpoint" if training else "a bare state dict"
     try:
         name, config = config_from_state_dict(state_dict)
     except ValueError as e:
         raise UserError(f"{path} ({kind}): {e}") from None
-    trained_as = ckpt["args"].get("model") if kind.startswith("DiverseDiT") else None
-    for claimed, source in ((model_name, "--model"), (trained_as, "its training arguments")):
+    sit_time = False
+    if not training:  # the official SiT file or REPA's last.pt, told apart by their heads
+        projectors = any(key.startswith("projectors.") for key in state_dict)
+        ours = [head for head in ("skip_linears.", "sra_head.") if any(key.startswith(head) for key in state_dict)]
+        if ours or projectors == config["learn_sigma"]:
+            raise UserError(f"{path} is a bare state dict that is neither the official SiT file (learn_sigma, no "
+                             f"projectors) nor REPA's last.pt (projectors, no learn_sigma): it has learn_sigma="
+                             f"{config['learn_sigma']}, projectors={projectors}"
+                             + (f", {' and '.join(h.rstrip('.') for h in ours)}" if ours else "")
+                             + ". Its time convention is unknown; sample from the training checkpoint it came from.")
+        sit_time = config["learn_sigma"]
+        kind = "SiT state dict (SiT's time convention)" if sit_time else "REPA state dict (REPA's time convention)"
+    for claimed, source in ((model_name, "--model"), (train_args.get("model"), "its training arguments")):
         if claimed is not None and claimed != name:
             raise UserError(f"{source}: {claimed}, but {path} ({kind}) holds the weights of a {name}")
     if config["in_channels"] not in (LATENT_CHANNELS, 3):
@@ -307,34 +286,9 @@ def load_sampling_model(path, weights="ema", model_name=None):
     model = build_model(name, sit_time=sit_time, **config)
     model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(TRAINING_HEADS)}, strict=True)
     description = {"checkpoint_kind": kind, "weights": weights, "model": name, "sit_time": sit_time,
-                   "path_type": path_type, "training_data": training_data, **config}
+                   "path_type": train_args.get("path_type", "linear"), "training_data": train_args.get("data_path"),
+                   **config}
     return model.eval().requires_grad_(False), description
-
-
-def bare_state_dict_kind(path, state_dict):
-    """(kind, sit_time) of a bare state dict: the official SiT file or REPA's last.pt, else a UserError."""
-    keys = state_dict.keys()
-    if any(key.startswith("module.") for key in keys):
-        raise UserError(f"{path}: keys start with 'module.' (saved from a DDP wrapper); strip that prefix first")
-    projectors = any(key.startswith("projectors.") for key in keys)
-    ours = [head for head in ("skip_linears.", "sra_head.") if any(key.startswith(head) for key in keys)]
-    try:
-        learn_sigma = config_from_state_dict(state_dict)[1]["learn_sigma"]
-    except ValueError as e:
-        raise UserError(f"{path} (a bare state dict): {e}") from None
-    if projectors and not learn_sigma and not ours:
-        return "REPA state dict (REPA's time convention)", False
-    if learn_sigma and not projectors and not ours:
-        return "SiT state dict (SiT's time convention)", True
-    raise UserError(f"{path} is a bare state dict that is neither the official SiT file (learn_sigma, no "
-                     f"projectors) nor REPA's last.pt (projectors, no learn_sigma): it has learn_sigma={learn_sigma}, "
-                     f"projectors={projectors}" + (f", {' and '.join(h.rstrip('.') for h in ours)}" if ours else "")
-                     + ". Its time convention is unknown; sample from the training checkpoint it came from.")
-
-
-def sampling_settings(args):
-    return dict(seed=args.seed, sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
-                interval=(args.guidance_low, args.guidance_high), bf16=args.precision == "bf16")
 
 
 def run_name(args, description):
@@ -361,8 +315,7 @@ def settings_record(args, description, labels):
         "model_evaluations": model_evaluations(args.sampler, args.num_steps),
         "cfg_scale": args.cfg_scale, "guidance_interval": [args.guidance_low, args.guidance_high],
         "precision": args.precision, "tf32": args.tf32, "seed": args.seed,
-        "per_proc_batch_size": args.per_proc_batch_size,
-        "num_samples": args.num_fid_samples, "labels": labels,
+        "per_proc_batch_size": args.per_proc_batch_size, "num_samples": args.num_fid_samples, "labels": labels,
         "vae": args.vae if latent else None, "vae_sha256": file_sha256(vae_weights_path(args.vae)) if latent else None,
         "uint8": "clamp(127.5·x + 128, 0, 255) rounded down",
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__},
@@ -370,47 +323,26 @@ def settings_record(args, description, labels):
     }
 
 
-@contextlib.contextmanager
-def progress(model, num_images, evaluations, disable=False):
-    """A bar over images that also shows the network evaluation reached within the batch being drawn (one batch may
-    be all there is, and take minutes on a CPU): a forward hook on the model counts the evaluations."""
-    with tqdm(total=num_images, unit="image", desc="sampling", disable=disable) as bar:
+def draw(model, vae, args, batches, labels=None, disable=False):
+    """Yield (batch, uint8 images (N, H, W, 3)) for each batch of sample indices, under a progress bar over images
+    that also shows the network evaluation reached within the batch being drawn (one batch may be all there is, and
+    take minutes on a CPU): a forward hook on the model counts the evaluations."""
+    evaluations = model_evaluations(args.sampler, args.num_steps)
+    settings = dict(seed=args.seed, sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                    interval=(args.guidance_low, args.guidance_high), bf16=args.precision == "bf16")
+    with tqdm(total=sum(map(len, batches)), unit="image", desc="sampling", disable=disable) as bar:
         count = itertools.count()
         hook = model.register_forward_hook(
             lambda *_: bar.set_postfix_str(f"evaluation {next(count) % evaluations + 1}/{evaluations} of the batch"))
         try:
-            yield bar
+            for batch in batches:
+                yield batch, generate(model, vae, batch, labels=None if labels is None else labels[batch], **settings)
+                bar.update(len(batch))
         finally:
             hook.remove()
 
 
-def beside(path, suffix):
-    """path + suffix; not Path.with_suffix, which would cut a name like "…-interval-0-0.7" at its dot."""
-    return path.parent / f"{path.name}{suffix}"
-
-
-def write_or_check_settings(path, settings):
-    """Write the settings, or check that a run being continued had the same; a new code version is appended."""
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is damaged ({e}): delete it, or move the outputs beside it away") from None
-        changed = [key for key in settings if key != "code" and old.get(key) != settings[key]]
-        if changed:
-            raise UserError(f"{path} records other settings for these outputs ({', '.join(changed)} differ); "
-                             f"move the old outputs away or change --sample-dir")
-        if settings["code"][0] not in old["code"]:  # continued with other code: say so in the record
-            settings["code"] = old["code"] + settings["code"]
-    save_json(settings, path)
-
-
-#################################################################################
-#                                       Main                                    #
-#################################################################################
-
-def check_args(args):
-    """Refuse bad settings before loading anything."""
+def main(args):
     args.num_steps = DEFAULT_STEPS[args.sampler] if args.num_steps is None else args.num_steps
     for flag, value in [("--num-steps", args.num_steps), ("--per-proc-batch-size", args.per_proc_batch_size),
                         ("--images-per-class", args.images_per_class), ("--num-fid-samples", args.num_fid_samples)]:
@@ -421,10 +353,6 @@ def check_args(args):
                          f"{args.guidance_high}]")
     if args.num_fid_samples is not None and args.class_labels:
         raise UserError("--class-labels sets a grid's rows; FID batches draw labels uniformly per sample")
-
-
-def main(args):
-    check_args(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     rank, world_size, device = init_distributed()
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
@@ -438,12 +366,11 @@ def main(args):
                          f"{description['path_type']} path: use --sampler euler or heun")
     model.to(device)
     vae = load_vae(args.vae, device) if description["in_channels"] == LATENT_CHANNELS else None
-    out = Path(args.sample_dir)
-    name = run_name(args, description)
+    stem = Path(args.sample_dir) / run_name(args, description)
     if args.num_fid_samples is None:
-        sample_grid(model, vae, args, description, out / name, rank)
+        sample_grid(model, vae, args, description, stem, rank)
     else:
-        sample_fid_batch(model, vae, args, description, out / name, rank, world_size)
+        sample_fid_batch(model, vae, args, description, stem, rank, world_size)
     close_distributed()
 
 
@@ -460,38 +387,40 @@ def sample_grid(model, vae, args, description, stem, rank):
     print(json.dumps(settings, indent=1))
     stem = stem.parent / f"{stem.name}-grid-{'-'.join(map(str, classes))}-x{args.images_per_class}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    images = []
-    with progress(model, len(labels), model_evaluations(args.sampler, args.num_steps)) as bar:
-        for batch in torch.arange(len(labels)).split(args.per_proc_batch_size):
-            images.append(generate(model, vae, batch.tolist(), labels=labels[batch], **sampling_settings(args)))
-            bar.update(len(batch))
-    images = torch.cat(images)  # (N, H, W, 3)
+    batches = [list(range(k, min(len(labels), k + args.per_proc_batch_size)))
+               for k in range(0, len(labels), args.per_proc_batch_size)]
+    images = torch.cat([images for _, images in draw(model, vae, args, batches, labels)])  # (N, H, W, 3)
     save_grid(images, args.images_per_class, beside(stem, ".png"))
     save_json(settings, beside(stem, ".json"))
     print(f"saved {beside(stem, '.png')}")
     if description["training_data"] == BUILTIN_DATA:  # the quick start's question: has it learned the shapes?
-        print(f"the built-in data's classifier recognises {shapes_recognised(images, labels)}/{len(labels)} samples "
-              f"as their requested shape")
-
-
-def shapes_recognised(images, labels):
-    """How many uint8 images (N, H, W, 3) data.shapes_classifier names as the shape of their label."""
-    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1], as ShapesDataset's
-    return (shapes_classifier(x.shape[-1])(x).argmax(dim=1) == labels).sum().item()
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1], as ShapesDataset's
+        recognised = (shapes_classifier(x.shape[-1])(x).argmax(dim=1) == labels).sum().item()
+        print(f"the built-in data's classifier recognises {recognised}/{len(labels)} samples as their requested shape")
 
 
 def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
-    """folder/000000.png … and folder.npz: `num_fid_samples` images, labels uniform per sample, split over ranks.
-
-    Exactly `num_fid_samples` images (DiT / REPA round up to a multiple of the global batch and drop the extras).
-    """
+    """folder/000000.png … and folder.npz: exactly `num_fid_samples` images (DiT / REPA round up to a multiple of the
+    global batch and drop the extras), labels uniform per sample, split over ranks. A run continued after an
+    interruption must have the same settings (checked against folder.json) and writes only the missing batches."""
     N, B = args.num_fid_samples, args.per_proc_batch_size
-    npz = beside(folder, ".npz")
     if rank == 0:
         settings = settings_record(args, description, "uniform random per sample")
         print(json.dumps(settings, indent=1))
         folder.mkdir(parents=True, exist_ok=True)
-        write_or_check_settings(beside(folder, ".json"), settings)
+        record = beside(folder, ".json")
+        if record.is_file():
+            try:
+                old = json.loads(record.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{record} is damaged ({e}): delete it, or move the outputs beside it away") from None
+            changed = [key for key in settings if key != "code" and old.get(key) != settings[key]]
+            if changed:
+                raise UserError(f"{record} records other settings for these outputs ({', '.join(changed)} differ); "
+                                 f"move the old outputs away or change --sample-dir")
+            if settings["code"][0] not in old["code"]:  # continued with other code: say so in the record
+                settings["code"] = old["code"] + settings["code"]
+        save_json(settings, record)
     barrier()
     # Fixed batches of sample indices, so a batch recomputed after an interruption is the same batch.
     batches = [list(range(k, min(N, k + B))) for k in range(0, N, B)]
@@ -499,13 +428,11 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
     barrier()  # every rank has listed the same pending batches before any writes
     if rank == 0 and len(pending) < len(batches):
         print(f"continuing: {len(batches) - len(pending)} of {len(batches)} batches are already written")
-    mine = pending[rank::world_size]
-    with progress(model, sum(map(len, mine)), model_evaluations(args.sampler, args.num_steps), rank != 0) as bar:
-        for batch in mine:
-            for i, image in zip(batch, generate(model, vae, batch, **sampling_settings(args))):
-                save_png(image, folder / f"{i:06d}.png")
-            bar.update(len(batch))
+    for batch, images in draw(model, vae, args, pending[rank::world_size], disable=rank != 0):
+        for i, image in zip(batch, images):
+            save_png(image, folder / f"{i:06d}.png")
     barrier()
+    npz = beside(folder, ".npz")
     if rank == 0 and not npz.is_file():
         write_npz(folder, N, npz)
         print(f"saved {npz} ({N} images)")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from losses import (adaptive_weight, dispersion_loss, dispersive_loss, diversity_loss, diversity_pairs,
+from losses import (adaptive_weight, dispersion_loss, disploss, diversity_loss, diversity_pairs,
                     mutual_information_loss, orthogonality_loss)
 
 
@@ -283,15 +283,15 @@ def test_explicit_pairs_are_accepted_and_checked():
 def test_dispersive_loss_limits_and_a_two_sample_case():
     b = 8
     far = 1e3 * torch.eye(b)[:, None, :].expand(b, 3, b)   # pairwise squared distance 2e6·3 / (3·8)
-    torch.testing.assert_close(dispersive_loss(far), torch.tensor(-math.log(b)))
+    torch.testing.assert_close(disploss(far), torch.tensor(-math.log(b)))
     same = torch.randn(1, 3, 4).expand(b, 3, 4)
-    torch.testing.assert_close(dispersive_loss(same), torch.tensor(0.0))
+    torch.testing.assert_close(disploss(same), torch.tensor(0.0))
     # Two samples at squared distance s·d: log((2 + 2·exp(−s/τ)) / 4).
     z = torch.zeros(2, 2, 3)
     z[1] = 1.0  # ‖z_0 − z_1‖² / d = 6 / 6 = 1
     for tau in (1.0, 0.5):
-        torch.testing.assert_close(dispersive_loss(z, tau), torch.tensor(math.log((2 + 2 * math.exp(-1 / tau)) / 4)))
-    assert dispersive_loss(torch.randn(1, 3, 4)) == 0.0  # one sample: nothing to disperse
+        torch.testing.assert_close(disploss(z, tau), torch.tensor(math.log((2 + 2 * math.exp(-1 / tau)) / 4)))
+    assert disploss(torch.randn(1, 3, 4)) == 0.0  # one sample: nothing to disperse
 
 
 def test_sra_loss_is_smooth_l1_with_beta_and_stops_the_teacher_gradient():

@@ -115,6 +115,6 @@ def test_the_tiny_model_trains_and_samples_in_one_step(tmp_path, diverse):
 
 def test_meanflow_refuses_the_other_objectives_and_guidance_without_a_null_class(tmp_path):
     with pytest.raises(ValueError, match="combines with --diverse"):
-        train.main(train.parse_args(["--data-path", "builtin:shapes", "--meanflow", "--disp"]))
+        train.main(train.parse_args(["--data-path", "builtin:shapes", "--meanflow", "--disploss"]))
     with pytest.raises(ValueError, match="needs the null class"):
         train.main(train.parse_args(["--data-path", "builtin:shapes", "--meanflow", "--class-dropout-prob", "0"]))

@@ -1,5 +1,6 @@
 """CPU checks of train.py: exact resume, the loss line, fault handling, bad input, DDP, the README quick start."""
 import io
+import itertools
 import json
 import os
 import shlex
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import train
 from runtime import UserError
-from train import DINOv2Target, ResumableSampler, parse_args, resample_pos_embed
+from train import DINOv2Target, InfiniteSampler, parse_args, resample_pos_embed
 
 TINY_RUN = ["--model", "SiT-Tiny/4", "--data-path", "builtin:shapes", "--builtin-image-size", "16",
             "--global-batch-size", "8", "--num-workers", "0", "--log-every", "2", "--sample-every", "0"]
@@ -64,7 +65,7 @@ def assert_same_state(a, b):
             assert torch.equal(opt_a[i][name], opt_b[i][name]), f"opt.{i}.{name}"
 
 
-ALL_SWITCHES = ["--diverse", "--disp", "--sra", "--sra-student-block", "2", "--sra-teacher-block", "6",
+ALL_SWITCHES = ["--diverse", "--disploss", "--sra", "--sra-student-block", "2", "--sra-teacher-block", "6",
                 "--repa", "--encoder-depth", "3"]
 
 
@@ -77,7 +78,7 @@ def test_resume_gives_bit_identical_model_ema_and_optimizer(tmp_path, stand_in_e
     assert_same_state(a, b)
     metrics = [json.loads(line) for line in (half / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 3, 4, 6]  # 3: the end of the first run; then 4 and 6
-    assert all(m["repa"] != 0 and m["sra"] != 0 and m["disp"] != 0 and m["div"] != 0 for m in metrics)
+    assert all(m["repa"] != 0 and m["sra"] != 0 and m["disploss"] != 0 and m["div"] != 0 for m in metrics)
 
 
 def test_a_resume_across_an_epoch_boundary_sees_the_same_data(tmp_path):
@@ -87,7 +88,7 @@ def test_a_resume_across_an_epoch_boundary_sees_the_same_data(tmp_path):
     half = run(tmp_path / "b", "--builtin-num-images", "40", "--max-steps", "4", "--save-every", "4")
     train.main(parse_args(TINY_RUN + flags + ["--resume", str(half / "checkpoints" / "0000004.pt")]))
     a, b = load(straight / "checkpoints" / "0000008.pt"), load(half / "checkpoints" / "0000008.pt")
-    assert (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"]) == (1, 3)
+    assert a["steps"] == b["steps"] == 8  # epoch 1, batch 3: the data position follows from the steps
     assert_same_state(a, b)
 
 
@@ -101,6 +102,21 @@ def test_resume_needs_only_the_run_directory_and_refuses_changed_settings(tmp_pa
         parse_args(["--resume", str(first / "checkpoints" / "0000002.pt")])
 
 
+def test_a_checkpoint_saved_before_the_disploss_rename_resumes(tmp_path):
+    first = run(tmp_path, "--disploss", "--disploss-coeff", "0.5", "--disploss-tau", "2", "--disploss-block", "3",
+                "--max-steps", "2", "--save-every", "2")
+    path = first / "checkpoints" / "0000002.pt"
+    ckpt = load(path)
+    old_names = {"disploss": "disp", "disploss_coeff": "disp_coeff", "disploss_tau": "disp_tau",
+                 "disploss_block": "disp_block"}
+    ckpt["args"] = {old_names.get(key, key): value for key, value in ckpt["args"].items()}
+    torch.save(ckpt, path)
+    args = parse_args(["--resume", str(first), "--max-steps", "4"])
+    assert (args.disploss, args.disploss_coeff, args.disploss_tau, args.disploss_block) == (True, 0.5, 2.0, 3)
+    train.main(args)
+    assert load(first / "checkpoints" / "0000004.pt")["args"]["disploss_block"] == 3
+
+
 def test_metrics_lines_after_the_checkpoint_and_a_cut_line_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"ste')
@@ -110,7 +126,7 @@ def test_metrics_lines_after_the_checkpoint_and_a_cut_line_are_dropped(tmp_path)
 
 def test_the_total_loss_is_the_papers_line():
     terms = {"fm": torch.tensor(1.0), "repa": torch.tensor(-0.6), "w": torch.tensor(0.3), "div": torch.tensor(0.2),
-             "disp": torch.tensor(-2.0), "sra": torch.tensor(0.4)}
+             "disploss": torch.tensor(-2.0), "sra": torch.tensor(0.4)}
     args = parse_args(TINY_RUN)
     expected = 1.0 + 0.5 * -0.6 + 0.3 * 0.2 + 0.25 * -2.0 + 0.2 * 0.4
     torch.testing.assert_close(train.total_loss(terms, args), torch.tensor(expected))
@@ -159,8 +175,8 @@ def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
         train.local_batch_size(256, 3)
     with pytest.raises(ValueError, match="give --encoder-depth"):
         run(tmp_path, "--repa")
-    with pytest.raises(ValueError, match="--disp-block 9 is not a block of SiT-Tiny/4"):
-        run(tmp_path, "--disp", "--disp-block", "9")
+    with pytest.raises(ValueError, match="--disploss-block 9 is not a block of SiT-Tiny/4"):
+        run(tmp_path, "--disploss", "--disploss-block", "9")
     first = run(tmp_path, "--max-steps", "2", "--save-every", "2")
     with pytest.raises(ValueError, match="other settings: long_residual: False in the checkpoint, True now"):
         run(tmp_path, "--diverse", "--max-steps", "4", "--resume", str(first))
@@ -246,7 +262,7 @@ def test_meanflow_logs_its_unweighted_squared_error(monkeypatch):
     monkeypatch.setattr(train, "meanflow_prediction", lambda *args: (u_pred, u_target, None))
     args = train.resolve_args(parse_args(TINY_RUN + ["--meanflow"]))
     x, y = torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
-    terms = train.training_losses(None, None, None, None, x, y, None, args, ())
+    terms = train.training_losses(None, x, y, meanflow=(None, args))
     torch.testing.assert_close(terms["mf_mse"], ((u_pred - u_target) ** 2).mean())
     assert "mf_mse" in train.LOGGED and terms["fm"] < 1  # fm: the weighted loss, l2 / (l2 + c)
 
@@ -302,14 +318,18 @@ def test_resample_pos_embed_keeps_the_class_slot_and_constant_fields():
     torch.testing.assert_close(out[:, 1:], pos[:, 1:2].expand(1, 256, 8))
 
 
-def test_the_resumable_sampler_deals_disjoint_batches_and_skips_what_was_trained():
-    samplers = [ResumableSampler(50, 4, rank, 3, seed=7) for rank in range(3)]
-    epoch0 = [list(s) for s in samplers]
-    assert all(len(e) == 16 for e in epoch0) and len(set(sum(epoch0, []))) == 48  # 4 batches of 4 per rank
-    samplers[1].start(0, 2)
-    assert list(samplers[1]) == epoch0[1][8:]
-    samplers[1].start(1, 0)
-    assert list(samplers[1]) != epoch0[1]  # a new order each epoch
+def test_the_sampler_deals_disjoint_batches_and_starts_after_what_was_trained():
+    def take(sampler, n):
+        return list(itertools.islice(sampler, n))
+
+    epoch0 = [take(InfiniteSampler(50, 4, rank, 3, seed=7), 16) for rank in range(3)]
+    assert len(set(sum(epoch0, []))) == 48  # 4 batches of 4 per rank, disjoint
+    assert take(InfiniteSampler(50, 4, 1, 3, seed=7, start=2), 8) == epoch0[1][8:]
+    epoch1 = take(InfiniteSampler(50, 4, 1, 3, seed=7, start=4), 16)
+    assert take(InfiniteSampler(50, 4, 1, 3, seed=7), 32) == epoch0[1] + epoch1  # endless, from epoch to epoch
+    assert epoch1 != epoch0[1]  # a new order each epoch
+    one_rank = take(InfiniteSampler(50, 12, 0, 1, seed=7, start=1), 12)  # the same global batch on one process
+    assert sorted(one_rank) == sorted(sum((e[4:8] for e in epoch0), []))
 
 
 def test_two_ranks_keep_identical_weights(tmp_path):

@@ -6,7 +6,7 @@
 The objective (one line in `total_loss`), each term from losses.py and switched on by its flag:
 
     L = L_fm + 0.5·L_REPA + w(L_div)·L_div + 0.25·L_DispLoss + 0.2·L_SRA
-        (flow matching, --repa, --diverse / --diversity-loss, --disp, --sra; the coefficients are flags)
+        (flow matching, --repa, --diverse / --diversity-loss, --disploss, --sra; the coefficients are flags)
 
 Results go to results/NNN-<model>-<switches>/: log.txt, args.json, metrics.jsonl, checkpoints/NNNNNNN.pt and,
 every --sample-every steps, samples/NNNNNNN.png (an EMA grid). `--resume RUN_DIR_OR_CKPT` continues a run exactly.
@@ -14,6 +14,7 @@ every --sample-every steps, samples/NNNNNNN.png (an EMA grid). `--resume RUN_DIR
 import argparse
 import copy
 import errno
+import functools
 import json
 import logging
 import math
@@ -51,10 +52,10 @@ def build_parser():
                                                                     "Table A1, 5 for B, 8 for L and XL)")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA's λ (REPA, the paper)")
     p.add_argument("--projector-dim", type=int, default=2048, help="REPA projector's hidden width (REPA)")
-    p.add_argument("--disp", action="store_true", help="DispLoss (Wang & He), PyTorch release settings")
-    p.add_argument("--disp-coeff", type=float, default=0.25, help="DispLoss λ (its PyTorch release)")
-    p.add_argument("--disp-tau", type=float, default=1.0, help="DispLoss τ (its PyTorch release)")
-    p.add_argument("--disp-block", type=int, default=None, help="DispLoss block, 1-indexed (default: the last)")
+    p.add_argument("--disploss", action="store_true", help="DispLoss (Wang & He), PyTorch release settings")
+    p.add_argument("--disploss-coeff", type=float, default=0.25, help="DispLoss λ (its PyTorch release)")
+    p.add_argument("--disploss-tau", type=float, default=1.0, help="DispLoss τ (its PyTorch release)")
+    p.add_argument("--disploss-block", type=int, default=None, help="DispLoss block, 1-indexed (default: the last)")
     p.add_argument("--sra", action="store_true", help="SRA: align a block to the EMA teacher's deeper block")
     p.add_argument("--sra-coeff", type=float, default=0.2, help="SRA's weight (its paper, 256 px)")
     p.add_argument("--sra-beta", type=float, default=0.05, help="SRA's smooth-L1 β (its paper)")
@@ -113,9 +114,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import BUILTIN_DATA, open_dataset
-from losses import (adaptive_weight, dispersive_loss, diversity_loss, diversity_pairs, flow_matching_loss,
-                    interpolate, meanflow_loss, meanflow_target, repa_loss, sample_meanflow_times, sample_time,
-                    sra_loss, sra_teacher_time)
+from losses import (adaptive_weight, disploss, diversity_loss, diversity_pairs, flow_matching_loss, interpolate,
+                    meanflow_loss, meanflow_target, repa_loss, sample_meanflow_times, sample_time, sra_loss,
+                    sra_teacher_time)
 from models import SIT_SIZES, SiT_models, build_model
 from runtime import UserError, barrier, close_distributed, git_commit, init_distributed, replace_atomically, run
 from sample import GRID_CLASSES, generate, save_grid
@@ -131,10 +132,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The run settings a resumed run must share with its checkpoint (other flags, e.g. --max-steps, may change).
 RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "num_samples", "global_batch_size",
                      "global_seed", "long_residual", "diversity_loss", "repa", "encoder_depth", "projector_dim",
-                     "disp", "disp_block", "sra", "sra_student_block", "sra_teacher_block", "path_type", "weighting",
-                     "learn_sigma", "class_dropout_prob", "ckpt_every", "meanflow", "mf_omega", "mf_kappa",
-                     "mf_t_start", "mf_t_end")
-TERMS = ("fm", "mf_mse", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disp", "sra")  # of training_losses
+                     "disploss", "disploss_block", "sra", "sra_student_block", "sra_teacher_block", "path_type",
+                     "weighting", "learn_sigma", "class_dropout_prob", "ckpt_every", "meanflow", "mf_omega",
+                     "mf_kappa", "mf_t_start", "mf_t_end")
+RENAMED = {"disp": "disploss", "disp_coeff": "disploss_coeff", "disp_tau": "disploss_tau",
+           "disp_block": "disploss_block"}  # in the args of checkpoints saved before DispLoss's flags were renamed
+TERMS = ("fm", "mf_mse", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disploss", "sra")  # training_losses
 LOGGED = ("loss", *TERMS, "grad_norm")  # every --log-every steps, averaged over steps and processes
 
 
@@ -163,13 +166,9 @@ class DINOv2Target(nn.Module):
     def __init__(self, encoder, image_size):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
-        self.input_size = 224 * (image_size // 256)
+        self.embed_dim, self.input_size = encoder.embed_dim, 224 * (image_size // 256)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def embed_dim(self):
-        return self.encoder.embed_dim
 
     def forward(self, images):
         x = (images.float() / 255 - self.mean) / self.std
@@ -178,26 +177,23 @@ class DINOv2Target(nn.Module):
 
 
 def load_dinov2(image_size, num_tokens):
-    """DINOv2-B/14 from torch.hub with its position embedding resampled to the (S/256·16)² patch grid (REPA).
-
-    Rank 0 loads first (filling the hub cache), the other ranks after it. `num_tokens` is the model's token count,
-    which REPA aligns index to index with DINOv2's patches.
-    """
+    """DINOv2-B/14 from torch.hub, its position embedding resampled to the (S/256·16)² patch grid (REPA), which
+    REPA aligns index to index with the model's `num_tokens` tokens. Rank 0 loads first (filling the hub cache)."""
     if image_size % 256:
         raise UserError(f"REPA's DINOv2 target needs images of 256 or 512 px (224·S/256 pixels, 16·S/256 patches "
-                         f"per side), got {image_size}")
+                        f"per side), got {image_size}")
     grid = 16 * (image_size // 256)
     if num_tokens != grid * grid:
         raise UserError(f"REPA aligns token i with DINOv2 patch i, but the model has {num_tokens} tokens and "
-                         f"DINOv2 {grid * grid} at {image_size} px: use patch size 2")
+                        f"DINOv2 {grid * grid} at {image_size} px: use patch size 2")
     try:
         if dist.is_initialized() and dist.get_rank() != 0:
             barrier()  # rank 0 fills the cache first
         encoder = torch.hub.load(*DINOV2, trust_repo=True)
     except Exception as e:  # no network, no cached copy, GitHub rate limits…
         raise UserError(f"could not load {DINOV2[1]} through torch.hub ({e}). Run once where GitHub is reachable "
-                           f"to fill the hub cache ({torch.hub.get_dir()}), then train with the same TORCH_HOME."
-                           ) from None
+                        f"to fill the hub cache ({torch.hub.get_dir()}), then train with the same TORCH_HOME."
+                        ) from None
     finally:
         if dist.is_initialized() and dist.get_rank() == 0:
             barrier()
@@ -207,137 +203,135 @@ def load_dinov2(image_size, num_tokens):
 
 
 #################################################################################
-#                              Data in a resumable order                        #
+#                                   The loss terms                              #
 #################################################################################
 
-class ResumableSampler(torch.utils.data.Sampler):
-    """This rank's sample indices for one epoch, from a given batch on.
+def training_losses(model, x, y, images=None, *, path_type="linear", weighting="uniform", block_losses=None,
+                    encoder=None, teacher=None, sra_block=None, sra_t_max=0.2, sra_beta=0.05, meanflow=None,
+                    bf16=False):
+    """Every loss term of one step (TERMS) as a float32 scalar, absent terms 0: one forward of `model` (maybe
+    DDP-wrapped or compiled) that carries gradients, plus, without them, REPA's encoder, SRA's teacher, MeanFlow's JVP.
 
-    Epoch e shuffles all indices with a generator seeded with (seed + e), keeps a multiple of the global batch
-    and deals them out round-robin over the ranks; `start(epoch, batch)` skips the batches already trained on, so
-    a resumed run sees exactly the data an uninterrupted one would.
+    x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8, REPA's encoder input.
+    block_losses: the blocks' outputs → DiverseDiT's and DispLoss's terms (`losses_on_blocks`, bound to its settings);
+    encoder: REPA's target encoder; teacher: SRA's EMA teacher, aligned at its `sra_block` (1-indexed);
+    meanflow: (the bare network, its guidance settings) for MeanFlow's objective instead of flow matching.
     """
+    terms = dict.fromkeys(TERMS, x.new_zeros(()))
+    features = block_losses is not None or encoder is not None or teacher is not None
+    eps = torch.randn_like(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if meanflow is None:  # flow matching (SiT, REPA): x_t = α_t·x + σ_t·ε, target v = α'_t·x + σ'_t·ε
+            t = sample_time(len(x), weighting, path_type, device=x.device)  # (N,)
+            x_t, v = interpolate(x, eps, t, path_type)
+            out = model(x_t, t, y, return_features=features)
+            v_pred, feats = out if features else (out, None)
+            terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
+            if encoder is not None:
+                with torch.no_grad():
+                    target = encoder(images)  # (N, T, Z)
+                terms["repa"] = repa_loss(feats.repa, [target]).mean()
+            if teacher is not None:
+                t_teacher = sra_teacher_time(t, sra_t_max)
+                with torch.no_grad():  # the EMA teacher, same data, noise and (dropped) labels, less noisy
+                    x_teacher = interpolate(x, eps, t_teacher, path_type)[0]
+                    teacher_blocks = teacher(x_teacher, t_teacher, feats.labels, return_features=True)[1].blocks
+                terms["sra"] = sra_loss(feats.sra, teacher_blocks[sra_block - 1], sra_beta).mean()
+        else:  # MeanFlow's objective (below); of the other terms, only DiverseDiT's combine with it
+            u_pred, u_target, feats = meanflow_prediction(model, *meanflow, x, eps, y, features)
+            terms["fm"] = meanflow_loss(u_pred, u_target).mean()  # ≈ 1 by its adaptive weight: it does not fall
+            terms["mf_mse"] = (u_pred.float() - u_target.float()).pow(2).mean()  # unweighted: the error that falls
+    if block_losses is not None:
+        terms.update(block_losses(feats.blocks))
+    return terms
 
-    def __init__(self, num_samples, local_batch, rank, world_size, seed):
-        self.num_samples, self.local_batch, self.rank, self.world_size, self.seed = (
-            num_samples, local_batch, rank, world_size, seed)
-        self.batches_per_epoch = num_samples // (local_batch * world_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
-                             f"{local_batch * world_size}")
-        self.epoch, self.first_batch = 0, 0
 
-    def start(self, epoch, batch):
-        self.epoch, self.first_batch = epoch, batch
+def losses_on_blocks(blocks, pairs=(), disploss_block=None, disploss_tau=1.0):
+    """DiverseDiT's L_div over the block pairs (with its parts and its weight w) and DispLoss on one block."""
+    terms = {}
+    if pairs:
+        div = diversity_loss(blocks, pairs)
+        terms.update(div=div.total, div_orth=div.orthogonality, div_mi=div.mutual_information,
+                     div_disp=div.dispersion, w=adaptive_weight(div.total))
+    if disploss_block:
+        terms["disploss"] = disploss(blocks[disploss_block - 1], disploss_tau)
+    return terms
 
-    def __len__(self):
-        return (self.batches_per_epoch - self.first_batch) * self.local_batch
 
-    def __iter__(self):
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        used = order[:self.batches_per_epoch * self.local_batch * self.world_size]
-        mine = used[self.rank::self.world_size]
-        return iter(mine[self.first_batch * self.local_batch:].tolist())
+def total_loss(terms, args):
+    """L = L_fm + λ_REPA·L_REPA + w(L_div)·L_div + λ_DispLoss·L_DispLoss + λ_SRA·L_SRA (absent terms are 0).
+
+    λ_SRA is a constant: SRA decays it only after epoch 149, beyond the 80 epochs of the papers' 400K steps at
+    batch 256."""
+    return (terms["fm"] + args.proj_coeff * terms["repa"] + terms["w"] * terms["div"]
+            + args.disploss_coeff * terms["disploss"] + args.sra_coeff * terms["sra"])
 
 
 #################################################################################
-#                                  One training step                            #
+#                         MeanFlow (Geng et al. 2025)                           #
 #################################################################################
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """θ_EMA ← decay·θ_EMA + (1 − decay)·θ over all parameters, frozen ones included (as DiT / REPA)."""
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused pass instead of a Python loop
+def meanflow_prediction(model, raw_model, guidance, x, eps, y, features):
+    """(u_θ(z_t, r, t), u_tgt, features or None) for MeanFlow: the target from a JVP of the bare network without
+    gradients (`losses.meanflow_target`), the prediction and the features from the one forward with gradients."""
+    t, r = sample_meanflow_times(len(x), device=x.device)
+    z_t, v = interpolate(x, eps, t)
+    y = raw_model.y_embedder.drop(y)  # once, so that the JVP and the forward see the same labels
+    v = meanflow_velocity(raw_model, z_t, t, y, v, guidance)
+    with torch.autocast(x.device.type, enabled=False):  # the JVP in float32
+        _, u_target = meanflow_target(lambda z, r, t: raw_model(z, t, y, r=r, drop_labels=False), z_t, r, t, v)
+    out = model(z_t, t, y, r=r, drop_labels=False, return_features=features)
+    u_pred, feats = out if features else (out, None)
+    return u_pred, u_target, feats
 
 
-def needs_features(args):
-    return args.diversity_loss or args.repa or args.disp or args.sra
-
-
-def meanflow_velocity(raw_model, z_t, t, y, v, args):
+def meanflow_velocity(raw_model, z_t, t, y, v, guidance):
     """MeanFlow's guided target velocity (official code, guidance in training): inside [t_start, t_end] and for
-    samples that kept their label, ṽ = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅); elsewhere v."""
-    if args.mf_omega == 1.0 and args.mf_kappa == 0.0:
+    samples that kept their label, ṽ = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅); elsewhere v.
+    guidance: train.py's args (mf_omega, mf_kappa, mf_t_start, mf_t_end)."""
+    if guidance.mf_omega == 1.0 and guidance.mf_kappa == 0.0:
         return v
     null = torch.full_like(y, raw_model.num_classes)
     with torch.no_grad():  # one batched forward of the instantaneous velocity (r = t), conditional and not
         u_cond, u_uncond = raw_model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null]),
                                      r=torch.cat([t, t]), drop_labels=False).float().chunk(2)
-    guided = args.mf_omega * v + args.mf_kappa * u_cond + (1 - args.mf_omega - args.mf_kappa) * u_uncond
-    inside = (t >= args.mf_t_start) & (t <= args.mf_t_end) & (y != raw_model.num_classes)  # (N,)
+    omega, kappa = guidance.mf_omega, guidance.mf_kappa
+    guided = omega * v + kappa * u_cond + (1 - omega - kappa) * u_uncond
+    inside = (t >= guidance.mf_t_start) & (t <= guidance.mf_t_end) & (y != raw_model.num_classes)  # (N,)
     return torch.where(inside[:, None, None, None], guided, v)
 
 
-def meanflow_prediction(model, raw_model, x, eps, y, args):
-    """(u_θ(z_t, r, t), u_tgt, features or None) for MeanFlow: the target from a JVP of the network without
-    gradients (`losses.meanflow_target`), the prediction and the block features from the one forward that
-    carries gradients."""
-    t, r = sample_meanflow_times(len(x), device=x.device)
-    z_t, v = interpolate(x, eps, t)
-    y = raw_model.y_embedder.drop(y)  # once, so that the JVP and the forward see the same labels
-    v = meanflow_velocity(raw_model, z_t, t, y, v, args)
-    with torch.autocast(x.device.type, enabled=False):  # the JVP in float32
-        _, u_target = meanflow_target(lambda z, r, t: raw_model(z, t, y, r=r, drop_labels=False), z_t, r, t, v)
-    if not needs_features(args):
-        return model(z_t, t, y, r=r, drop_labels=False), u_target, None
-    u_pred, feats = model(z_t, t, y, r=r, drop_labels=False, return_features=True)
-    return u_pred, u_target, feats
+#################################################################################
+#                  Data order, EMA, checkpoints, results folder                 #
+#################################################################################
 
+class InfiniteSampler(torch.utils.data.Sampler):
+    """This rank's sample indices, endlessly, from global batch `start` on (as edm2's sampler takes a start index).
 
-def training_losses(model, raw_model, teacher, encoder, x, y, images, args, pairs):
-    """Every loss term of the step (TERMS) as a float32 scalar, absent terms 0: one forward of the model that
-    carries gradients, plus, without them, the frozen REPA encoder, the EMA teacher (SRA) and MeanFlow's JVP.
-
-    x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8 for REPA, or None.
-    `model` may be DDP-wrapped or compiled; `raw_model` is the bare network, for the passes without gradients.
+    Epoch e shuffles all indices with a generator seeded with (seed + e), keeps a multiple of the global batch and
+    deals them out round-robin over the ranks. Started at the steps already trained, a resumed run sees exactly
+    the data an uninterrupted one would (each global batch is the same on any number of processes).
     """
-    terms = dict.fromkeys(TERMS, x.new_zeros(()))
-    eps = torch.randn_like(x)
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    if args.meanflow:
-        with autocast:
-            u_pred, u_target, feats = meanflow_prediction(model, raw_model, x, eps, y, args)
-        terms["fm"] = meanflow_loss(u_pred, u_target).mean()  # ≈ 1 by its adaptive weight: it does not fall
-        terms["mf_mse"] = (u_pred.float() - u_target.float()).pow(2).mean()  # unweighted: the error that falls
-    else:
-        t = sample_time(len(x), args.weighting, args.path_type, device=x.device)  # (N,)
-        x_t, v = interpolate(x, eps, t, args.path_type)
-        with autocast:
-            if needs_features(args):
-                v_pred, feats = model(x_t, t, y, return_features=True)
-            else:
-                v_pred = model(x_t, t, y)
-            if args.repa:
-                with torch.no_grad():
-                    targets = encoder(images)  # (N, T, Z)
-                terms["repa"] = repa_loss(feats.repa, [targets]).mean()
-            if args.sra:
-                t_teacher = sra_teacher_time(t, args.sra_t_max)
-                with torch.no_grad():  # the EMA teacher, same data, noise and (dropped) labels, less noisy
-                    _, teacher_feats = teacher(interpolate(x, eps, t_teacher, args.path_type)[0], t_teacher,
-                                               feats.labels, return_features=True)
-                teacher_block = teacher_feats.blocks[args.sra_teacher_block - 1]
-                terms["sra"] = sra_loss(feats.sra, teacher_block, args.sra_beta).mean()
-        terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
-    if args.diversity_loss:
-        div = diversity_loss(feats.blocks, pairs)
-        terms.update(div=div.total, div_orth=div.orthogonality, div_mi=div.mutual_information,
-                     div_disp=div.dispersion, w=adaptive_weight(div.total))
-    if args.disp:
-        terms["disp"] = dispersive_loss(feats.blocks[args.disp_block - 1], args.disp_tau)
-    return terms
+
+    def __init__(self, num_samples, local_batch, rank, world_size, seed, start=0):
+        self.num_samples, self.local_batch, self.rank, self.world_size, self.seed, self.start = (
+            num_samples, local_batch, rank, world_size, seed, start)
+
+    def __iter__(self):
+        per_epoch = self.num_samples // (self.local_batch * self.world_size)  # global batches
+        epoch, batch = divmod(self.start, per_epoch)
+        while True:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            mine = order[:per_epoch * self.local_batch * self.world_size][self.rank::self.world_size]
+            yield from mine[batch * self.local_batch:].tolist()
+            epoch, batch = epoch + 1, 0
 
 
-def total_loss(terms, args):
-    """L = L_fm + λ_REPA·L_REPA + w(L_div)·L_div + λ_disp·L_DispLoss + λ_SRA·L_SRA (absent terms are 0)."""
-    return (terms["fm"] + args.proj_coeff * terms["repa"] + terms["w"] * terms["div"]
-            + args.disp_coeff * terms["disp"] + args.sra_coeff * terms["sra"])
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """θ_EMA ← decay·θ_EMA + (1 − decay)·θ over all parameters, frozen ones included (as DiT / REPA)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)  # one fused pass
 
-
-#################################################################################
-#                          Checkpoints, results folder, logging                 #
-#################################################################################
 
 def save_atomically(obj, path):
     """torch.save through runtime.replace_atomically, flushed to disk: a run killed (or a machine that loses power)
@@ -411,33 +405,35 @@ def load_checkpoint(resume, results_dir, repair=False):
         notes.append(f"removed {tmp}, the temporary file of a checkpoint write cut short")
     for path in paths:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), path, run_dir, notes
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # torch's messages for a cut or damaged file neither name it nor say so
             if Path(resume).is_file():
                 raise UserError(f"--resume {path} does not load as a checkpoint (cut short or damaged)") from None
             if repair:
                 path.rename(path.with_name(path.name + ".damaged"))
                 notes.append(f"{path} does not load (cut short or damaged): set aside as {path.name}.damaged")
+            continue
+        ckpt["args"] = {RENAMED.get(key, key): value for key, value in ckpt["args"].items()}
+        return ckpt, path, run_dir, notes
     raise UserError(f"--resume {resume}: none of the checkpoints in {run_dir / 'checkpoints'} loads")
 
 
-def check_resumable(saved, args):
-    changed = [f"{key}: {saved.get(key)!r} in the checkpoint, {getattr(args, key)!r} now" for key in RESUME_MUST_MATCH
-               if saved.get(key) != getattr(args, key)]
-    if changed:
-        raise UserError("cannot resume a run with other settings: " + "; ".join(changed))
-
-
-def new_run_dir(results_dir, args):
-    """results/NNN-<model>-<switches>, NNN one more than the runs already there (DiT / SiT layout)."""
+def new_run_dir(results_dir, args, world_size, device):
+    """results/NNN-<model>-<switches>, NNN one more than the runs already there (DiT / SiT layout), with args.json:
+    the resolved flags, the code's commit and the library versions."""
     results_dir.mkdir(parents=True, exist_ok=True)
     switches = [name for name, on in [("meanflow", args.meanflow), ("repa", args.repa), ("longres", args.long_residual),
-                                      ("div", args.diversity_loss), ("disp", args.disp), ("sra", args.sra)] if on]
+                                      ("div", args.diversity_loss), ("disploss", args.disploss), ("sra", args.sra)]
+                if on]
     if args.long_residual and args.diversity_loss:
         switches = ["diverse" if s == "longres" else s for s in switches if s != "div"]
     numbers = [int(m.group(1)) for p in results_dir.iterdir() if (m := re.match(r"(\d+)-", p.name))]
     name = f"{max(numbers, default=-1) + 1:03d}-{args.model.replace('/', '-')}-{'-'.join(switches) or 'sit'}"
     (results_dir / name / "checkpoints").mkdir(parents=True)
+    record = {**vars(args), "world_size": world_size, "device": str(device), "code": git_commit(),
+              "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                           "torchvision": torchvision.__version__, "numpy": np.__version__}}
+    (results_dir / name / "args.json").write_text(json.dumps(record, indent=1) + "\n")
     return results_dir / name
 
 
@@ -458,30 +454,15 @@ def truncate_metrics(path, step):
 def create_logger(run_dir, rank):
     """Rank 0 logs to stdout and run_dir/log.txt; the other ranks stay silent (DiT)."""
     logger = logging.getLogger("train")
-    for handler in logger.handlers:
+    for handler in logger.handlers[:]:
         handler.close()
-    logger.handlers.clear()
+        logger.removeHandler(handler)
     logger.propagate = False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        formatter = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")):
-            handler.setFormatter(formatter)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
+    logger.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")) if rank == 0 else ():
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
     return logger
-
-
-def rng_state(device):
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def all_gather(obj, world_size):
@@ -490,6 +471,58 @@ def all_gather(obj, world_size):
     out = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_resumable(saved, args):
+    changed = [f"{key}: {saved.get(key)!r} in the checkpoint, {getattr(args, key)!r} now" for key in RESUME_MUST_MATCH
+               if saved.get(key) != getattr(args, key)]
+    if changed:
+        raise UserError("cannot resume a run with other settings: " + "; ".join(changed))
+
+
+def save_preview(ema, vae, args, num_classes, path, logger):
+    """An EMA grid, 4 images for each of up to 8 classes (ImageNet: DiT's GRID_CLASSES)."""
+    classes = GRID_CLASSES if num_classes == 1000 else list(range(min(8, num_classes)))
+    labels = torch.tensor([c for c in classes for _ in range(4)])
+    settings = (dict(sampler="meanflow", num_steps=1) if args.meanflow  # guidance is trained in
+                else dict(num_steps=50, cfg_scale=args.sample_cfg_scale))
+    logger.info(f"sampling the EMA preview grid ({len(labels)} images, {settings['num_steps']} steps)")
+    images = generate(ema, vae, list(range(len(labels))), seed=args.global_seed, bf16=args.precision == "bf16",
+                      labels=labels, **settings)
+    path.parent.mkdir(exist_ok=True)
+    save_grid(images, 4, path)
+    logger.info(f"saved {path}")
+
+
+def check_finite(history, first_step, run_dir, world_size):
+    """The means of `history` (steps since `first_step` × LOGGED) over steps and processes; an error naming the
+    first step at which any process saw a non-finite value, and those values, before anything is saved."""
+    if len(history) == 0:  # checked already (a checkpoint right after a log line)
+        return None
+    bad = (~torch.isfinite(history)).to(torch.uint8)  # uint8: all-reducible
+    sums = history.sum(dim=0)
+    if world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        dist.all_reduce(sums)
+    if bad.any():
+        i = bad.any(dim=1).nonzero()[0].item()
+        names = [name for name, b in zip(LOGGED, bad[i].tolist()) if b]
+        raise FloatingPointError(f"non-finite {', '.join(names)} at step {first_step + i + 1}; stopped before saving, "
+                                 f"the last checkpoint ({last_checkpoint(run_dir / 'checkpoints')}) is intact")
+    return sums / (len(history) * world_size)
+
+
+def save_checkpoint(path, model, ema, optimizer, args, step, rank, world_size, logger):
+    """Rank 0 saves (after checking the ranks' weights agree) and prunes; the others wait."""
+    weight_sums = all_gather(float(sum(p.detach().double().sum() for p in model.parameters())), world_size)
+    if len(set(weight_sums)) > 1:
+        raise RuntimeError(f"the ranks' weights differ at step {step} (sums {weight_sums})")
+    if rank == 0:
+        save_atomically({"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+                         "args": vars(args), "steps": step}, path)
+        prune_checkpoints(path.parent, args.keep_last, args.ckpt_every)
+        logger.info(f"saved {path} (weights identical across {world_size} rank(s))")
+    barrier()
 
 
 #################################################################################
@@ -508,39 +541,35 @@ def resolve_args(args):
         if size not in ENCODER_DEPTH:
             raise UserError(f"--repa on {args.model}: give --encoder-depth (the paper's Table A1 covers B, L, XL)")
         args.encoder_depth = ENCODER_DEPTH[size]
-    if not args.repa:
-        args.encoder_depth = None
+    args.encoder_depth = args.encoder_depth if args.repa else None
     if args.sra:
-        default = SRA_BLOCKS.get(size, (None, None))
-        args.sra_student_block = args.sra_student_block or default[0]
-        args.sra_teacher_block = args.sra_teacher_block or default[1]
-        if args.sra_student_block is None or args.sra_teacher_block is None:
+        student, teacher = SRA_BLOCKS.get(size, (None, None))
+        args.sra_student_block = args.sra_student_block or student
+        args.sra_teacher_block = args.sra_teacher_block or teacher
+        if None in (args.sra_student_block, args.sra_teacher_block):
             raise UserError(f"--sra on {args.model}: give --sra-student-block and --sra-teacher-block "
-                             f"(defaults exist for {', '.join(SRA_BLOCKS)})")
+                            f"(defaults exist for {', '.join(SRA_BLOCKS)})")
     else:
         args.sra_student_block = args.sra_teacher_block = None
-    args.disp_block = (args.disp_block or depth) if args.disp else None
-    for flag, block in [("--disp-block", args.disp_block), ("--sra-student-block", args.sra_student_block),
+    args.disploss_block = (args.disploss_block or depth) if args.disploss else None
+    for flag, block in [("--disploss-block", args.disploss_block), ("--sra-student-block", args.sra_student_block),
                         ("--sra-teacher-block", args.sra_teacher_block), ("--encoder-depth", args.encoder_depth)]:
         if block is not None and not 1 <= block <= depth:
             raise UserError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
-    if args.meanflow and (args.repa or args.disp or args.sra or args.learn_sigma or args.path_type != "linear"):
-        raise UserError("--meanflow combines with --diverse (as in the paper), not with --repa, --disp, --sra, "
-                         "--learn-sigma or another path")
+    if args.meanflow and (args.repa or args.disploss or args.sra or args.learn_sigma or args.path_type != "linear"):
+        raise UserError("--meanflow combines with --diverse (as in the paper), not with --repa, --disploss, --sra, "
+                        "--learn-sigma or another path")
     if args.meanflow and (args.mf_omega != 1.0 or args.mf_kappa != 0.0) and args.class_dropout_prob == 0:
         raise UserError("MeanFlow's guidance in training needs the null class: --class-dropout-prob > 0, or "
-                         "--mf-omega 1 --mf-kappa 0")
+                        "--mf-omega 1 --mf-kappa 0")
     args.beta2 = args.beta2 if args.beta2 is not None else (0.95 if args.meanflow else 0.999)
-    if args.keep_last < 1:
-        raise UserError("--keep-last must be at least 1: the newest checkpoint is what --resume continues from")
-    for flag in ("log_every", "save_every", "ckpt_every", "max_steps", "global_batch_size"):
+    for flag in ("log_every", "save_every", "ckpt_every", "keep_last", "max_steps", "global_batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.data_path is None:
         raise UserError(f"--data-path is required (a folder prepared by data.py, or {BUILTIN_DATA})")
-    cuda = torch.cuda.is_available()
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.compile = cuda if args.compile is None else args.compile
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.compile = torch.cuda.is_available() if args.compile is None else args.compile
     return args
 
 
@@ -555,7 +584,6 @@ def main(args):
     rank, world_size, device = init_distributed()
     local_batch = local_batch_size(args.global_batch_size, world_size)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-
     dataset = open_dataset(args.data_path, images=args.repa, builtin_num_images=args.builtin_num_images,
                            builtin_image_size=args.builtin_image_size, seed=args.global_seed)
     args.data_kind = "latent" if dataset.latent else "pixel"
@@ -563,22 +591,18 @@ def main(args):
     if len(dataset) < args.global_batch_size:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                         f"({args.global_batch_size})")
-
-    # Resume: find the checkpoint first, so that a mismatch is refused before anything heavy is built.
     ckpt, notes = None, []
-    if args.resume:
+    if args.resume:  # found first, so that a mismatch is refused before anything heavy is built
         ckpt, ckpt_path, run_dir, notes = load_checkpoint(args.resume, args.results_dir, repair=rank == 0)
         check_resumable(ckpt["args"], args)
     # Rank 0's own work (the VAE for previews) comes before the first collective, so that its errors end the run
-    # instead of leaving the other ranks waiting. The VAE is built before any seeding: its initialisation would
-    # otherwise draw on the training stream and break exact resumption.
+    # instead of leaving the other ranks waiting.
     vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
     C, H, _ = dataset.input_shape
-    patch = int(args.model.rsplit("/", 1)[1])
-    encoder = load_dinov2(args.image_size, (H // patch) ** 2).to(device) if args.repa else None
+    encoder = load_dinov2(args.image_size, (H // int(args.model.rsplit("/")[1])) ** 2).to(device) if args.repa else None
     if not args.resume:  # only now, after every check: a refused run leaves no folder behind
-        run_dir = new_run_dir(Path(args.results_dir), args) if rank == 0 else None
-        run_dir = Path(all_gather(str(run_dir) if rank == 0 else None, world_size)[0])
+        run_dir = new_run_dir(Path(args.results_dir), args, world_size, device) if rank == 0 else None
+        run_dir = Path(all_gather(str(run_dir), world_size)[0])
     logger = create_logger(run_dir, rank)
     logger.info(f"code {git_commit()}, torch {torch.__version__}" + (f"; resuming {ckpt_path}" if ckpt else ""))
     for note in notes:
@@ -589,154 +613,88 @@ def main(args):
                     f"{args.max_steps:,}: the EMA weights (previews, checkpoints) will still show mostly the initial "
                     f"network; use e.g. --ema-decay 0.99 for short runs")
 
-    # The same initial weights on every rank; then each rank its own random stream (DiT: seed·world + rank).
-    torch.manual_seed(args.global_seed)
+    torch.manual_seed(args.global_seed)  # the same initial weights on every rank
     model = build_model(args.model, input_size=H, in_channels=C, num_classes=dataset.num_classes,
                         class_dropout_prob=args.class_dropout_prob, learn_sigma=args.learn_sigma,
                         long_residual=args.long_residual, z_dims=[encoder.embed_dim] if args.repa else [],
                         encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                         sra_depth=args.sra_student_block, meanflow=args.meanflow).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    step, epoch, batch_in_epoch = 0, 0, 0
+    hyper = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), **hyper, fused=device.type == "cuda")
+    step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["opt"])
         for group in optimizer.param_groups:  # the optimiser's settings are this run's flags, not the saved ones
-            group.update(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
-        step, epoch, batch_in_epoch = ckpt["steps"], ckpt["epoch"], ckpt["batch_in_epoch"]
-    torch.manual_seed(args.global_seed * world_size + rank)
-    if ckpt is not None:
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:
-            logger.info(f"resuming on {world_size} processes a run saved on {len(ckpt['rng'])}: "
-                        f"random streams restart from seed {args.global_seed}·{world_size} + rank")
+            group.update(hyper)
+        step = ckpt["steps"]
         logger.info(f"resumed from {ckpt_path} at step {step}")
         del ckpt
-
-    pairs = diversity_pairs(model.depth, args.encoder_depth) if args.diversity_loss else ()
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-    train_model = torch.compile(ddp) if args.compile else ddp
-    teacher = torch.compile(ema) if args.compile and args.sra else ema
-
-    sampler = ResumableSampler(len(dataset), local_batch, rank, world_size, args.global_seed)
+    compiled = torch.compile if args.compile else (lambda f: f)
+    pairs = diversity_pairs(model.depth, args.encoder_depth) if args.diversity_loss else ()
+    on_blocks = functools.partial(losses_on_blocks, pairs=pairs, disploss_block=args.disploss_block,
+                                  disploss_tau=args.disploss_tau)
+    settings = dict(  # of the loss terms; L_div compiled too: eager, it costs 2.6% of a SiT-B/2 step, compiled 0.6%
+        path_type=args.path_type, weighting=args.weighting, bf16=args.precision == "bf16",
+        block_losses=compiled(on_blocks) if pairs or args.disploss else None,
+        encoder=encoder, teacher=compiled(ema) if args.sra else None, sra_block=args.sra_teacher_block,
+        sra_t_max=args.sra_t_max, sra_beta=args.sra_beta, meanflow=(model, args) if args.meanflow else None)
+    sampler = InfiniteSampler(len(dataset), local_batch, rank, world_size, args.global_seed, start=step)
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator())  # keeps the loader from drawing on the training stream
+                        pin_memory=device.type == "cuda", drop_last=True)
 
     if rank == 0 and args.resume and (run_dir / "metrics.jsonl").is_file():
         truncate_metrics(run_dir / "metrics.jsonl", step)
-    if rank == 0 and not args.resume:
-        record = {**vars(args), "world_size": world_size, "device": str(device), "code": git_commit(),
-                  "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                               "torchvision": torchvision.__version__, "numpy": np.__version__}}
-        (run_dir / "args.json").write_text(json.dumps(record, indent=1) + "\n")
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                 f"{len(dataset):,} training images; {world_size} process(es) × batch {local_batch}; "
                 f"{args.precision}, compile {args.compile}; results in {run_dir}")
 
-    def save_checkpoint():
-        states = all_gather(rng_state(device), world_size)
-        weight_sums = all_gather(float(sum(p.detach().double().sum() for p in model.parameters())), world_size)
-        if len(set(weight_sums)) > 1:
-            raise RuntimeError(f"the ranks' weights differ at step {step} (sums {weight_sums})")
-        if rank == 0:
-            folder = run_dir / "checkpoints"
-            save_atomically({"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
-                             "args": vars(args), "steps": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                             "rng": states}, folder / f"{step:07d}.pt")
-            prune_checkpoints(folder, args.keep_last, args.ckpt_every)
-            logger.info(f"saved {folder / f'{step:07d}.pt'} (weights identical across {world_size} rank(s))")
-        barrier()
-
-    def sample_preview():
-        if rank == 0:
-            classes = GRID_CLASSES if dataset.num_classes == 1000 else list(range(min(8, dataset.num_classes)))
-            labels = torch.tensor([c for c in classes for _ in range(4)])
-            settings = (dict(sampler="meanflow", num_steps=1) if args.meanflow  # guidance is trained in
-                        else dict(num_steps=50, cfg_scale=args.sample_cfg_scale))
-            logger.info(f"sampling the EMA preview grid ({len(labels)} images, {settings['num_steps']} steps)")
-            images = generate(ema, vae, list(range(len(labels))), seed=args.global_seed, bf16=args.precision == "bf16",
-                              labels=labels, **settings)
-            (run_dir / "samples").mkdir(exist_ok=True)
-            save_grid(images, 4, run_dir / "samples" / f"{step:07d}.png")
-            logger.info(f"saved {run_dir / 'samples' / f'{step:07d}.png'}")
-
-    # On-device running sums: the host reads them only every --log-every steps (no per-step synchronisation).
-    sums, steps_in_sums = torch.zeros(len(LOGGED), device=device), 0
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    bad_terms = torch.zeros(len(LOGGED), dtype=torch.uint8, device=device)  # uint8: all-reducible
-
-    def check_finite():
-        never = torch.iinfo(torch.long).max
-        bad = torch.where(first_bad_step < 0, never, first_bad_step)
-        terms_seen = bad_terms.clone()
-        if world_size > 1:  # the earliest bad step of any rank, and the terms any rank saw go bad
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-            dist.all_reduce(terms_seen, op=dist.ReduceOp.MAX)
-        if bad.item() != never:
-            names = [n for n, b in zip(LOGGED, terms_seen.tolist()) if b]
-            raise FloatingPointError(f"non-finite {', '.join(names)} at step {bad.item()}; stopped before saving, "
-                                     f"the last checkpoint ({last_checkpoint(run_dir / 'checkpoints')}) is intact")
-
     model.train()
+    train_model = compiled(ddp)
     progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
-    start_time, start_step = time.time(), step
-    while step < args.max_steps:
-        sampler.start(epoch, batch_in_epoch)
-        for batch in loader:
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            images = batch[2].to(device, non_blocking=True) if args.repa else None
-            x = sample_latents(x) if dataset.latent else x  # a fresh posterior sample every step (REPA)
-            terms = training_losses(train_model, model, teacher, encoder, x, y, images, args, pairs)
-            loss = total_loss(terms, args)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            update_ema(ema, model, args.ema_decay)
+    history = torch.zeros(args.log_every, len(LOGGED), device=device)  # LOGGED per step since the last log line
+    logged_step, start_time = step, time.time()
+    for batch in loader:
+        # The step's randomness (t, ε, label dropout, the posterior sample) seeded from (seed, rank, step), as edm2
+        # seeds: a resumed run draws exactly what an uninterrupted one would, with no random state to save.
+        torch.manual_seed(hash((args.global_seed, rank, step)) % 2**63)
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        images = batch[2].to(device, non_blocking=True) if args.repa else None
+        x = sample_latents(x) if dataset.latent else x  # a fresh posterior sample every step (REPA)
+        terms = training_losses(train_model, x, y, images, **settings)
+        loss = total_loss(terms, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        update_ema(ema, model, args.ema_decay)
+        # Kept on the device: the host reads them only every --log-every steps (no per-step synchronisation).
+        history[step - logged_step] = torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS), grad_norm])
+        step += 1
+        progress.update(1)
 
-            values = torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS), grad_norm])  # as LOGGED
-            finite = torch.isfinite(values)
-            new_bad = (first_bad_step < 0) & ~finite.all()
-            first_bad_step = torch.where(new_bad, step + 1, first_bad_step)
-            bad_terms = torch.where(new_bad, (~finite).to(torch.uint8), bad_terms)
-            sums += values.float()
-            steps_in_sums += 1
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            progress.update(1)
-
-            if step % args.log_every == 0 or step == args.max_steps:
-                check_finite()
-                if world_size > 1:
-                    dist.all_reduce(sums)
-                means = dict(zip(LOGGED, (sums / (steps_in_sums * world_size)).tolist()))
-                elapsed = time.time() - start_time
-                speed = (step - start_step) / max(elapsed, 1e-9)
-                record = {"step": step, **means, "steps_per_sec": speed,
-                          "img_per_sec": speed * args.global_batch_size}
-                if rank == 0:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{record['img_per_sec']:.1f}")
-                    logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in record.items()))
-                sums.zero_()
-                steps_in_sums, start_time, start_step = 0, time.time(), step
-            if step % args.save_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
-                check_finite()
-                save_checkpoint()
-            if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-                sample_preview()
-            if step == args.max_steps:
-                break
-        else:  # the epoch ran out
-            epoch, batch_in_epoch = epoch + 1, 0
-            continue
-        break
+        if step % args.log_every == 0 or step == args.max_steps:
+            means = check_finite(history[:step - logged_step], logged_step, run_dir, world_size).tolist()
+            speed = (step - logged_step) / max(time.time() - start_time, 1e-9)
+            record = {"step": step, **dict(zip(LOGGED, means)), "steps_per_sec": speed,
+                      "img_per_sec": speed * args.global_batch_size}
+            if rank == 0:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_sec']:.1f}")
+                logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            logged_step, start_time = step, time.time()
+        if step % args.save_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
+            check_finite(history[:step - logged_step], logged_step, run_dir, world_size)
+            save_checkpoint(run_dir / "checkpoints" / f"{step:07d}.pt", model, ema, optimizer, args, step, rank,
+                            world_size, logger)
+        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+            save_preview(ema, vae, args, dataset.num_classes, run_dir / "samples" / f"{step:07d}.png", logger)
+        if step == args.max_steps:
+            break
     progress.close()
     logger.info("done")
     close_distributed()

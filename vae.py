@@ -7,9 +7,6 @@ the public `diffusion_pytorch_model.safetensors` / `.bin` files load with strict
     image (N, 3, H, W) in [-1, 1] --encoder--> quant_conv --> (mean, logvar) of (N, 4, H/8, W/8)
     latent (N, 4, H/8, W/8)       --post_quant_conv--> decoder --> image (N, 3, H, W)
 
-Training uses latents z = (mean + std·ε)·LATENT_SCALE, a fresh posterior sample each step (REPA's practice);
-samples are decoded from z / LATENT_SCALE.
-
     python vae.py --vae mse        # download the weights into torch's hub cache and check that they load
 
 Legend: N batch, C channels, H×W spatial size, T = H·W tokens.
@@ -17,6 +14,7 @@ Legend: N batch, C channels, H×W spatial size, T = H·W tokens.
 import argparse
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,24 +40,20 @@ LATENT_CHANNELS = 4     # the SD-VAE's latent channels
 DOWNSAMPLING = 8        # latents have 1/8 of the image resolution
 BLOCK_CHANNELS = (128, 256, 512, 512)  # the SD-VAE's widths, from full resolution down
 LAYERS_PER_BLOCK = 2
-NORM_GROUPS = 32
-NORM_EPS = 1e-6
 
-VAE_URLS = {  # the public weights (Hugging Face), fetched into torch's hub cache on first use
-    name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model.safetensors"
-    for name in ("ema", "mse")
-}
+VAE_URLS = {name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model"
+                  ".safetensors" for name in ("ema", "mse")}  # the public weights, fetched on first use
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # looked for in a folder
 # Older uploads name the attention projections as diffusers' deprecated AttentionBlock did.
 OLD_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 #################################################################################
-#                                 Building blocks                               #
+#                                    The network                                #
 #################################################################################
 
-def group_norm(channels):
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS)
+def group_norm(channels):  # the SD-VAE's normalisation
+    return nn.GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -81,26 +75,17 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
-class Downsample(nn.Module):
-    """Stride-2 3×3 convolution after zero padding on the right and bottom only (the SD-VAE's asymmetric pad)."""
+class Resample(nn.Module):
+    """Down: a stride-2 3×3 convolution after zero padding on the right and bottom only (the SD-VAE's asymmetric
+    pad). Up: nearest-neighbour ×2, then a 3×3 convolution."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, down):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.down = down
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if down else nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 convolution."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Attention(nn.Module):
@@ -141,37 +126,29 @@ def resnet_stack(in_channels, out_channels, num_layers):
         [ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)])
 
 
-class DownBlock(nn.Module):
-    """The encoder at one resolution: resnets, then a Downsample (except at the lowest resolution)."""
+class Stage(nn.Module):
+    """One resolution of the encoder (DownBlock) or the decoder (UpBlock): its resnets, then its resampler if any."""
 
+    def forward(self, x):
+        for layers in self.children():  # resnets, then downsamplers / upsamplers
+            for layer in layers:
+                x = layer(x)
+        return x
+
+
+class DownBlock(Stage):
     def __init__(self, in_channels, out_channels, downsample):
         super().__init__()
         self.resnets = resnet_stack(in_channels, out_channels, LAYERS_PER_BLOCK)
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
-
-    def forward(self, x):
-        for layer in (*self.resnets, *self.downsamplers):
-            x = layer(x)
-        return x
+        self.downsamplers = nn.ModuleList([Resample(out_channels, down=True)] if downsample else [])
 
 
-class UpBlock(nn.Module):
-    """The decoder at one resolution: one resnet more than the encoder, then an Upsample (except at the top)."""
-
+class UpBlock(Stage):
     def __init__(self, in_channels, out_channels, upsample):
         super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, LAYERS_PER_BLOCK + 1)
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+        self.resnets = resnet_stack(in_channels, out_channels, LAYERS_PER_BLOCK + 1)  # one more than the encoder's
+        self.upsamplers = nn.ModuleList([Resample(out_channels, down=False)] if upsample else [])
 
-    def forward(self, x):
-        for layer in (*self.resnets, *self.upsamplers):
-            x = layer(x)
-        return x
-
-
-#################################################################################
-#                               Encoder and decoder                             #
-#################################################################################
 
 class Encoder(nn.Module):
     """(N, 3, H, W) image → (N, 2·LATENT_CHANNELS, H/8, W/8): the posterior's mean and log-variance."""
@@ -180,9 +157,8 @@ class Encoder(nn.Module):
         super().__init__()
         widths = BLOCK_CHANNELS
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            DownBlock(widths[max(i - 1, 0)], widths[i], downsample=i < len(widths) - 1)
-            for i in range(len(widths))])
+        self.down_blocks = nn.ModuleList([DownBlock(widths[max(i - 1, 0)], widths[i], downsample=i < len(widths) - 1)
+                                          for i in range(len(widths))])
         self.mid_block = MidBlock(widths[-1])
         self.conv_norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * LATENT_CHANNELS, 3, padding=1)
@@ -203,9 +179,8 @@ class Decoder(nn.Module):
         widths = BLOCK_CHANNELS[::-1]  # from the lowest resolution up
         self.conv_in = nn.Conv2d(LATENT_CHANNELS, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0])
-        self.up_blocks = nn.ModuleList([
-            UpBlock(widths[max(i - 1, 0)], widths[i], upsample=i < len(widths) - 1)
-            for i in range(len(widths))])
+        self.up_blocks = nn.ModuleList([UpBlock(widths[max(i - 1, 0)], widths[i], upsample=i < len(widths) - 1)
+                                        for i in range(len(widths))])
         self.conv_norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
 
@@ -241,11 +216,9 @@ class AutoencoderKL(nn.Module):
 #                                     Weights                                   #
 #################################################################################
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -276,11 +249,8 @@ def read_safetensors(path):
             continue
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise UserError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
-        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
-        begin, end = entry["data_offsets"]
-        numel = 1
-        for size in shape:
-            numel *= size
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        numel = math.prod(shape)
         if not 0 <= begin <= end <= len(body) or end - begin != numel * dtype.itemsize:
             raise UserError(f"{path}: tensor {name!r} has data offsets {[begin, end]} that do not match its "
                             f"shape {shape} and dtype {entry['dtype']} in a data section of {len(body)} bytes")
@@ -288,17 +258,6 @@ def read_safetensors(path):
         flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(shape)
     return tensors
-
-
-def rename_old_attention_keys(state_dict):
-    """Map `…attentions.0.{query,key,value,proj_attn}.*` to diffusers' current `to_q / to_k / to_v / to_out.0`."""
-    renamed = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if len(parts) >= 2 and parts[-2] in OLD_ATTENTION_KEYS and "attentions" in parts:
-            key = ".".join(parts[:-2] + [OLD_ATTENTION_KEYS[parts[-2]], parts[-1]])
-        renamed[key] = value
-    return renamed
 
 
 def vae_weights_path(source):
@@ -347,32 +306,29 @@ def load_vae(source="mse", device="cpu"):
         except Exception:  # torch's message would not name the file, and may suggest the unsafe weights_only=False
             raise UserError(f"{path} is not SD-VAE weights: expected a .safetensors file or a torch file of "
                             f"tensors (diffusion_pytorch_model.bin)") from None
+    renamed = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) > 2 and parts[-2] in OLD_ATTENTION_KEYS and "attentions" in parts:
+            parts[-2] = OLD_ATTENTION_KEYS[parts[-2]]
+        renamed[".".join(parts)] = value
     vae = AutoencoderKL()
     try:
-        vae.load_state_dict(rename_old_attention_keys(state_dict), strict=True)
+        vae.load_state_dict(renamed, strict=True)
     except RuntimeError as e:  # other keys or shapes; torch's lines joined into one
         raise UserError(f"{path} is not an SD-VAE (AutoencoderKL) state dict: {' '.join(str(e).split())}") from None
     return vae.eval().requires_grad_(False).to(device)
 
 
 def file_sha256(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
-
-#################################################################################
-#                          Encoding and decoding in chunks                      #
-#################################################################################
 
 @torch.no_grad()
 def encode_images(vae, images, chunk_size=64, bf16=False):
-    """uint8 images (N, 3, H, W) → posterior moments (N, 8, H/8, W/8) float32: mean and std, concatenated.
-
-    This is what a prepared dataset stores (REPA's practice); `sample_latents` draws a training latent from it.
-    """
+    """uint8 images (N, 3, H, W) → posterior moments (N, 8, H/8, W/8) float32: mean and std, concatenated, as a
+    prepared dataset stores them (REPA's practice); `sample_latents` draws a training latent from them."""
     device = next(vae.parameters()).device
     moments = []
     for chunk in images.split(chunk_size):
