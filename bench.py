@@ -114,19 +114,19 @@ def machine(device):
 
 def make_train_step(model, batch, with_diversity=False, compiled=False):
     """One step on `batch` = (x, ε, t, y) of the flow-matching objective, plus w(L_div)·L_div when asked (paper
-    Sec. 3.2); with `compiled`, the forward and the loss run through torch.compile."""
+    Sec. 3.2); with `compiled`, the network and the diversity loss are compiled apart, as train.py does."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0)
     pairs = diversity_pairs(model.depth)
+    network = torch.compile(model) if compiled else model
+    l_div_of = torch.compile(diversity_loss) if compiled else diversity_loss
 
     def objective(x, eps, t, y):
         x_t, v = interpolate(x, eps, t)
         if not with_diversity:
-            return flow_matching_loss(model(x_t, t, y), v).mean()
-        v_pred, feats = model(x_t, t, y, return_features=True)
-        l_div = diversity_loss(feats.blocks, pairs).total
+            return flow_matching_loss(network(x_t, t, y), v).mean()
+        v_pred, feats = network(x_t, t, y, return_features=True)
+        l_div = l_div_of(feats.blocks, pairs).total
         return flow_matching_loss(v_pred, v).mean() + adaptive_weight(l_div) * l_div
-
-    objective = torch.compile(objective) if compiled else objective
 
     def step():
         optimizer.zero_grad(set_to_none=True)

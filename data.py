@@ -329,6 +329,8 @@ def write_rows(array, start, rows):
 
 
 def main(args):
+    """Prepare --data-path into --out. No horizontal flips, as REPA (SiT and DiT flip online): a flipped copy would
+    have to be encoded separately, doubling the moments."""
     if args.image_size % DOWNSAMPLING:
         raise UserError(f"--image-size must be a multiple of {DOWNSAMPLING} (the VAE's downsampling)")
     # Rank 0 lists and hashes before the first barrier: on a slow file system, longer than the default 10 minutes.

@@ -72,7 +72,8 @@ GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (
 def guidance_at(t, cfg_scale, interval):
     """The guidance scale of a step that starts at time t: cfg_scale inside [low, high], else 1 (no guidance).
     The one place that decides where to guide. REPA guides only when cfg_scale > 1; here any scale other than 1
-    guides (the two agree on every scale the papers use)."""
+    guides (the two agree on every scale the papers use). The paper's Tables 2–3 use "the same guidance interval as
+    REPA" without giving it, so the default interval is all of [0, 1]; REPA's README command uses high = 0.7."""
     low, high = interval
     return cfg_scale if low <= t <= high else 1.0
 
@@ -184,7 +185,8 @@ def generate(model, vae, indices, *, seed, sampler="euler", num_steps=50, cfg_sc
 
 
 def to_uint8(x):
-    """Images in [-1, 1], (N, 3, H, W) → (N, H, W, 3) uint8 by clamp(127.5·x + 128) rounded down (DiT / SiT)."""
+    """Images in [-1, 1], (N, 3, H, W) → (N, H, W, 3) uint8 by clamp(127.5·x + 128) rounded down, i.e. rounded to
+    nearest (DiT / SiT); REPA's 255·(x + 1)/2 rounded down is up to one level lower."""
     return (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
@@ -233,7 +235,8 @@ def load_sampling_model(path, weights="ema", model_name=None):
     - the official SiT-XL-2-256.pt: a bare state dict without projectors and with learn_sigma's 8 output channels,
       in SiT's time convention (t = 1 data), which the model converts (`sit_time=True`).
     Any other file is refused, saying what it holds: its time convention cannot be known. The architecture is read
-    off the weights; the training-only heads (REPA projectors, SRA head) are not built; the rest loads strictly."""
+    off the weights; the training-only heads (REPA projectors, SRA head) are not built; the rest loads strictly.
+    DiT's checkpoints have SiT's exact layout but predict ε: they cannot be told apart, and give noise here."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ckpt {path} does not exist")
