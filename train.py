@@ -637,9 +637,11 @@ def main(args):
     pairs = diversity_pairs(model.depth, args.encoder_depth) if args.diversity_loss else ()
     on_blocks = functools.partial(losses_on_blocks, pairs=pairs, disploss_block=args.disploss_block,
                                   disploss_tau=args.disploss_tau)
-    settings = dict(  # of the loss terms; L_div compiled too: eager, it costs 2.6% of a SiT-B/2 step, compiled 0.6%
+    # The loss terms' settings. L_div stays eager: compiled whole, inductor's backward failed on an H200 with
+    # torch 2.11 at SiT-B's width (each of its three terms compiled alone ran), although it would cost less.
+    settings = dict(
         path_type=args.path_type, weighting=args.weighting, bf16=args.precision == "bf16",
-        block_losses=compiled(on_blocks) if pairs or args.disploss else None,
+        block_losses=on_blocks if pairs or args.disploss else None,
         encoder=encoder, teacher=compiled(ema) if args.sra else None, sra_block=args.sra_teacher_block,
         sra_t_max=args.sra_t_max, sra_beta=args.sra_beta, meanflow=(model, args) if args.meanflow else None)
     sampler = InfiniteSampler(len(dataset), local_batch, rank, world_size, args.global_seed, start=step)
