@@ -114,7 +114,8 @@ def machine(device):
 
 def make_train_step(model, batch, with_diversity=False, compiled=False):
     """One step on `batch` = (x, ε, t, y) of the flow-matching objective, plus w(L_div)·L_div when asked (paper
-    Sec. 3.2); with `compiled`, the network and the diversity loss are compiled apart, as train.py does."""
+    Sec. 3.2); with `compiled`, the network and the diversity loss are compiled apart (train.py compiles only the
+    network: see train.main)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0)
     pairs = diversity_pairs(model.depth)
     network = torch.compile(model) if compiled else model
