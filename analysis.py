@@ -2,11 +2,10 @@
 
     python analysis.py --ckpt results/000-SiT-B-2-sit/checkpoints/0050000.pt --ckpt …/0400000.pt
 
-For each checkpoint, the outputs of all L blocks are taken on one batch whose labels and noise are fixed by
---seed (the same for every checkpoint), at the last step of a 50-step Euler trajectory (the paper's choice) or,
-with --data-path and --t, on noised data at fixed times. Their L×L similarity is drawn as a PNG heatmap per
-checkpoint and metric (several checkpoints side by side), and written to JSON with the mean off-diagonal
-similarity and the diversity loss's three terms on the same features.
+For each checkpoint, the outputs of all L blocks are taken on one batch fixed by --seed (labels and noise, the
+same for every checkpoint), at the last step of a 50-step Euler trajectory (the paper's choice) or, with --data-path
+and --t, on noised data at fixed times. Their L×L similarities are drawn as PNG heatmaps (one per metric, several
+checkpoints side by side) and written to JSON with the mean off-diagonal similarity and L_div's three terms.
 
 Metrics: CKA with an RBF kernel (the paper's; bandwidth by the median heuristic, which the paper does not give),
 linear CKA, and the mean |per-token cosine| between blocks (the diversity loss's L_MI penalises the absolute value
@@ -14,6 +13,7 @@ of the mean cosine instead, which cancels opposite signs). For CKA, each sample'
 into one vector, so the kernels are N×N over the batch.
 """
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -45,8 +45,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data import open_dataset
-from losses import diversity_loss, diversity_pairs, interpolate
-from runtime import UserError, run
+from losses import DIVERSITY_LAYERS, diversity_loss, diversity_pairs, interpolate
+from runtime import UserError, run, saved_args
 from sample import SampleRandomness, load_sampling_model
 from vae import sample_latents
 
@@ -58,9 +58,8 @@ COLOURS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [
 
 def hsic(K, L):
     """HSIC(K, L) = Tr(K H L H) / (n − 1)² with H = I − 11ᵀ/n (Gretton et al. 2005), K and L (n, n)."""
-    n = K.shape[0]
     HKH = K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()  # the centred features' kernel
-    return (HKH * L).sum() / (n - 1) ** 2
+    return (HKH * L).sum() / (K.shape[0] - 1) ** 2
 
 
 def rbf_kernel(X):
@@ -84,15 +83,11 @@ def mean_abs_token_cosine(a, b):
 
 def similarity_matrix(blocks, metric):
     """(L, L) similarities between all block outputs, each (N, T, D)."""
-    L = len(blocks)
-    matrix = np.eye(L)
-    for i in range(L):
-        for j in range(i + 1, L):
-            if metric == "cosine":
-                value = mean_abs_token_cosine(blocks[i], blocks[j])
-            else:
-                value = cka(blocks[i].flatten(1), blocks[j].flatten(1), "rbf" if metric == "cka_rbf" else "linear")
-            matrix[i, j] = matrix[j, i] = value
+    matrix = np.eye(len(blocks))
+    for i, j in itertools.combinations(range(len(blocks)), 2):
+        a, b = blocks[i], blocks[j]
+        matrix[i, j] = matrix[j, i] = (mean_abs_token_cosine(a, b) if metric == "cosine"
+                                       else cka(a.flatten(1), b.flatten(1), metric.removeprefix("cka_")))
     return matrix
 
 
@@ -107,7 +102,6 @@ def forward_at(model, x, t, y, return_features=False):
     return model(x.float(), t_batch, y, return_features=return_features, r=t_batch if model.meanflow else None)
 
 
-@torch.no_grad()
 def trajectory_features(model, z, y, num_steps=TRAJECTORY_STEPS):
     """Block outputs at the last step of an unguided Euler trajectory from t = 1 (z) to 0 (sample.euler_sampler's
     grid): the state after num_steps − 1 steps, at t = 1/num_steps."""
@@ -130,9 +124,8 @@ def fixed_inputs(model, args, device):
             raise UserError(f"--num-samples {args.num_samples} is more than the {len(dataset)} images of "
                              f"{args.data_path}")
         indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num_samples]
-        items = [dataset[i] for i in indices.tolist()]
-        x0 = torch.stack([item[0] for item in items])
-        y = torch.tensor([item[1] for item in items])
+        x0, y = zip(*(dataset[i] for i in indices.tolist()))  # (image or latent moments, label) each
+        x0, y = torch.stack(x0), torch.tensor(y)
         if dataset.latent:
             torch.manual_seed(args.seed)
             x0 = sample_latents(x0)
@@ -141,7 +134,6 @@ def fixed_inputs(model, args, device):
 
 
 def colour(values, low, high):
-    """Values → RGB uint8 through COLOURS, scaled from [low, high]."""
     position = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(COLOURS) - 1)
     i = np.minimum(position.astype(int), len(COLOURS) - 2)
     frac = (position - i)[..., None]
@@ -150,18 +142,15 @@ def colour(values, low, high):
 
 def heatmap(matrix, title, low, high, cell=16):
     """One PIL image: a title of up to two lines, the matrix (block 0 at the top left), block indices, a colour bar."""
-    L = len(matrix)
     font = ImageFont.load_default()
-    margin, top, bar = 28, 36, 14
-    size = L * cell
+    margin, top, bar, size = 28, 36, 14, len(matrix) * cell
     width = max(margin + size + 12 + bar + 40, 8 + round(max(font.getlength(line) for line in title.split("\n"))))
     image = Image.new("RGB", (width, top + size + 24), "white")
     cells = colour(matrix, low, high).repeat(cell, axis=0).repeat(cell, axis=1)  # (size, size, 3)
     image.paste(Image.fromarray(cells), (margin, top))
     draw = ImageDraw.Draw(image)
     draw.text((4, 4), title, fill="black", font=font)
-    every = max(1, L // 8)
-    for k in range(0, L, every):
+    for k in range(0, len(matrix), max(1, len(matrix) // 8)):
         draw.text((margin + k * cell + 2, top + size + 4), str(k), fill="black", font=font)
         draw.text((4, top + k * cell + 2), str(k), fill="black", font=font)
     ramp = colour(np.linspace(high, low, size)[:, None].repeat(bar, axis=1), low, high)
@@ -172,15 +161,23 @@ def heatmap(matrix, title, low, high, cell=16):
     return image
 
 
+def measured_on(where):
+    """Where the features of a `features` key ("trajectory", "t=0.5") were taken, in words."""
+    return (f"at the last of {TRAJECTORY_STEPS} Euler steps (t={1 / TRAJECTORY_STEPS:g})" if where == "trajectory"
+            else f"on noised data at {where}")
+
+
 def analyse(ckpt_path, args, device):
     """{"step": the checkpoint's step or None, "model", "weights", "features": {where: {metric: (L, L) nested list,
     "mean_off_diagonal": {metric: value}, "diversity": L_div and its three terms}}}."""
     print(f"  loading its {args.weights} weights", flush=True)
     model, description = load_sampling_model(ckpt_path, args.weights)
     model.to(device)
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    step = saved.get("steps") if isinstance(saved, dict) else None
-    encoder_depth = saved["args"].get("encoder_depth") if isinstance(saved.get("args"), dict) else None
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # a dict: load_sampling_model
+    step, trained = saved.get("steps"), saved_args(saved) if "args" in saved else {}
+    # the run's own pairs P (train.block_losses_for): its first REPA block and its layer count
+    pairs = diversity_pairs(model.depth, (trained.get("encoder_depth") or [None])[0],
+                            trained.get("diversity_layers", DIVERSITY_LAYERS))
     y, eps, x0 = fixed_inputs(model, args, device)
     print(f"  block features on {args.num_samples} samples", flush=True)
     if x0 is None:
@@ -194,19 +191,13 @@ def analyse(ckpt_path, args, device):
     for where, blocks in features.items():
         print(f"  {', '.join(METRIC_NAMES[m] for m in args.metrics)} between {len(blocks)} blocks "
               f"{measured_on(where)}", flush=True)
-        div = diversity_loss(blocks, diversity_pairs(model.depth, encoder_depth))
+        div = diversity_loss(blocks, pairs)
         matrices = {metric: similarity_matrix(blocks, metric) for metric in args.metrics}
-        entry = {metric: matrix.tolist() for metric, matrix in matrices.items()}
-        entry["mean_off_diagonal"] = {metric: mean_off_diagonal(matrix) for metric, matrix in matrices.items()}
-        entry["diversity"] = {term: value.item() for term, value in div._asdict().items()}  # total and its 3 terms
-        result["features"][where] = entry
+        result["features"][where] = {
+            **{metric: matrix.tolist() for metric, matrix in matrices.items()},
+            "mean_off_diagonal": {metric: mean_off_diagonal(matrix) for metric, matrix in matrices.items()},
+            "diversity": {term: value.item() for term, value in div._asdict().items()}}  # total and its 3 terms
     return result
-
-
-def measured_on(where):
-    """Where the features of a `features` key ("trajectory", "t=0.5") were taken, in words."""
-    return (f"at the last of {TRAJECTORY_STEPS} Euler steps (t={1 / TRAJECTORY_STEPS:g})" if where == "trajectory"
-            else f"on noised data at {where}")
 
 
 def main(args):
@@ -224,21 +215,20 @@ def main(args):
         results[str(path)] = analyse(path, args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for where in next(iter(results.values()))["features"]:
-        for metric in args.metrics:
-            images = []
-            for path, r in results.items():
-                path = Path(path)  # results/NNN-…/checkpoints/0000600.pt is labelled by its run, NNN-…
-                label = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
-                images.append(heatmap(np.array(r["features"][where][metric]), f"{METRIC_NAMES[metric]} "
-                                      f"{measured_on(where)}\n{label}, step {r['step']}, {args.weights} weights",
-                                      *COLOUR_RANGE))
-            canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
-            for k, image in enumerate(images):  # side by side
-                canvas.paste(image, (sum(i.width for i in images[:k]), 0))
-            name = f"{metric}-{where.replace('=', '')}.png"
-            canvas.save(out / name)
-            print(f"saved {out / name}")
+    for where, metric in itertools.product(next(iter(results.values()))["features"], args.metrics):
+        images = []
+        for path, r in results.items():
+            path = Path(path)  # results/NNN-…/checkpoints/0000600.pt is labelled by its run, NNN-…
+            label = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+            images.append(heatmap(np.array(r["features"][where][metric]), f"{METRIC_NAMES[metric]} "
+                                  f"{measured_on(where)}\n{label}, step {r['step']}, {args.weights} weights",
+                                  *COLOUR_RANGE))
+        canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+        for k, image in enumerate(images):  # side by side
+            canvas.paste(image, (sum(i.width for i in images[:k]), 0))
+        name = f"{metric}-{where.replace('=', '')}.png"
+        canvas.save(out / name)
+        print(f"saved {out / name}")
     (out / "similarity.json").write_text(json.dumps(results, indent=1) + "\n")
     for path, r in results.items():
         for where, entry in r["features"].items():

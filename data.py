@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
@@ -68,11 +68,9 @@ CONFIGURATION = ("format", "image_size", "images", "batch_size", "bf16", "num_im
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM's preprocessing (guided-diffusion, used by DiT, SiT and REPA) → (S, S, 3) uint8.
-
-    Halve the image with a box filter while its shorter side is at least 2S, resize with bicubic filtering so the
-    shorter side is S (sizes rounded), then crop the central S×S (offsets rounded down).
-    """
+    """ADM's preprocessing (guided-diffusion, used by DiT, SiT and REPA) → (S, S, 3) uint8: halve the image with a box
+    filter while its shorter side is at least 2S, resize with bicubic filtering so that the shorter side is S (sizes
+    rounded), then crop the central S×S (offsets rounded down)."""
     while min(pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
     scale = image_size / min(pil_image.size)
@@ -82,9 +80,7 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
-#################################################################################
-#                          A prepared folder, for training                      #
-#################################################################################
+# ---------------------------------------------------------------- a prepared folder, for training
 
 def read_metadata(path):
     path = Path(path)
@@ -113,11 +109,9 @@ class PreparedDataset(Dataset):
         if images and not meta["images"]:
             raise UserError(f"{self.path} was prepared with --no-images, but images are needed (REPA's encoder "
                             f"reads them): prepare it again without --no-images")
-        self.indices = np.flatnonzero(status == DONE)
-        self.labels = np.load(self.path / LABELS)
+        self.indices, self.labels = np.flatnonzero(status == DONE), np.load(self.path / LABELS)
         self.images, self.classes, self.image_size = images, meta["classes"], meta["image_size"]
-        self.num_classes = len(self.classes)
-        h = self.image_size // DOWNSAMPLING
+        self.num_classes, h = len(self.classes), self.image_size // DOWNSAMPLING
         self.input_shape = (LATENT_CHANNELS, h, h)  # what the model sees
         self._arrays = None  # the memory maps, opened lazily in each process
 
@@ -136,37 +130,27 @@ class PreparedDataset(Dataset):
         return (moments, int(self.labels[j]), *image)
 
 
-#################################################################################
-#                    The built-in dataset: coloured shapes, no download         #
-#################################################################################
+# ---------------------------------------------------------------- the built-in dataset: coloured shapes, no download
 
 def shape_distance(shape, u, v, s):
-    """Signed distance (pixels, negative inside) to shape number `shape` of radius s, centred at u = v = 0."""
+    """Signed distance (pixels, negative inside) to shape `shape` of radius s at u = v = 0 (v grows downwards)."""
     def box(a, b):  # an axis-aligned rectangle of half-sides a × b
         return np.maximum(np.abs(u) - a, np.abs(v) - b)
 
     r = np.hypot(u, v)
-    if shape == 0:  # disk
-        return r - s
-    if shape == 1:  # square
-        return box(0.8 * s, 0.8 * s)
-    if shape == 2:  # diamond
-        return (np.abs(u) + np.abs(v) - s) / math.sqrt(2)
-    if shape == 3:  # triangle, apex up (v grows downwards)
-        return np.maximum(v - s / 2, (math.sqrt(3) * np.abs(u) - v) / 2 - s / 2)
-    if shape == 4:  # ring
-        return np.abs(r - 0.75 * s) - 0.25 * s
-    if shape == 5:  # plus
-        return np.minimum(box(s, 0.3 * s), box(0.3 * s, s))
-    if shape == 6:  # diagonal cross: the plus turned by 45°
-        return shape_distance(5, (u + v) / math.sqrt(2), (u - v) / math.sqrt(2), s)
-    if shape == 7:  # square frame
-        return np.maximum(box(0.85 * s, 0.85 * s), -box(0.5 * s, 0.5 * s))
-    if shape == 8:  # horizontal bar
-        return box(s, 0.35 * s)
-    if shape == 9:  # vertical bar
-        return box(0.35 * s, s)
-    raise ValueError(f"no shape number {shape}")
+    distances = [lambda: r - s,                                                              # disk
+                 lambda: box(0.8 * s, 0.8 * s),                                              # square
+                 lambda: (np.abs(u) + np.abs(v) - s) / math.sqrt(2),                         # diamond
+                 lambda: np.maximum(v - s / 2, (math.sqrt(3) * np.abs(u) - v) / 2 - s / 2),  # triangle, apex up
+                 lambda: np.abs(r - 0.75 * s) - 0.25 * s,                                    # ring
+                 lambda: np.minimum(box(s, 0.3 * s), box(0.3 * s, s)),                       # plus
+                 lambda: shape_distance(5, (u + v) / math.sqrt(2), (u - v) / math.sqrt(2), s),  # cross: the plus at 45°
+                 lambda: np.maximum(box(0.85 * s, 0.85 * s), -box(0.5 * s, 0.5 * s)),        # square frame
+                 lambda: box(s, 0.35 * s),                                                   # horizontal bar
+                 lambda: box(0.35 * s, s)]                                                   # vertical bar
+    if not 0 <= shape < len(distances):
+        raise ValueError(f"no shape number {shape}")
+    return distances[shape]()
 
 
 def render_shape(shape, image_size, rng):
@@ -234,6 +218,28 @@ def shapes_classifier(image_size, seed=0, steps=200, num_images=2000, batch_size
 BUILTIN_DATA = "builtin:shapes"  # the --data-path that names ShapesDataset (pixel space, no VAE)
 
 
+class InfiniteSampler(Sampler):
+    """This rank's sample indices, endlessly, from global batch `start` on (as edm2's sampler takes a start index).
+
+    Epoch e shuffles all indices with a generator seeded with (seed + e), keeps a multiple of the global batch and
+    deals them out round-robin over the ranks. Started at the steps already trained, a resumed run sees exactly
+    the data an uninterrupted one would (each global batch is the same on any number of processes).
+    """
+
+    def __init__(self, num_samples, local_batch, rank, world_size, seed, start=0):
+        self.num_samples, self.local_batch, self.rank, self.world_size, self.seed, self.start = (
+            num_samples, local_batch, rank, world_size, seed, start)
+
+    def __iter__(self):
+        per_epoch = self.num_samples // (self.local_batch * self.world_size)  # global batches
+        epoch, batch = divmod(self.start, per_epoch)
+        while True:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            mine = order[:per_epoch * self.local_batch * self.world_size][self.rank::self.world_size]
+            yield from mine[batch * self.local_batch:].tolist()
+            epoch, batch = epoch + 1, 0
+
+
 def open_dataset(data_path, images=False, builtin_num_images=10_000, builtin_image_size=32, seed=0):
     """ShapesDataset for BUILTIN_DATA, else the PreparedDataset at `data_path` (with images for REPA's encoder)."""
     if data_path == BUILTIN_DATA:
@@ -241,9 +247,7 @@ def open_dataset(data_path, images=False, builtin_num_images=10_000, builtin_ima
     return PreparedDataset(data_path, images=images)
 
 
-#################################################################################
-#                            Preparing a folder of images                       #
-#################################################################################
+# ---------------------------------------------------------------- preparing a folder of images
 
 def list_image_folder(root):
     """(relative paths, labels, class names) of an ImageNet-style tree, in torchvision ImageFolder's order."""
@@ -339,15 +343,13 @@ def main(args):
     if rank == 0:  # lists the images, fetches and loads the weights, then creates or checks the folder; others wait
         files, labels, classes = list_image_folder(args.data_path)
         vae = load_vae(args.vae, device)  # before the folder exists: weights that do not load leave nothing behind
-        meta = {
-            "format": FORMAT_VERSION, "image_size": args.image_size, "images": args.images,
-            "batch_size": args.batch_size, "bf16": args.bf16, "num_images": len(files),
-            "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
-            "vae_sha256": file_sha256(vae_weights_path(args.vae)), "vae": args.vae, "classes": classes,
-            "source": str(Path(args.data_path).resolve()), "horizontal_flip": False,
-            "moments": f"VAE posterior mean and std, unscaled: latents = (mean + std·ε)·{LATENT_SCALE}",
-            "torch": torch.__version__, "code": git_commit(),
-        }
+        meta = {"format": FORMAT_VERSION, "image_size": args.image_size, "images": args.images,
+                "batch_size": args.batch_size, "bf16": args.bf16, "num_images": len(files),
+                "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+                "vae_sha256": file_sha256(vae_weights_path(args.vae)), "vae": args.vae, "classes": classes,
+                "source": str(Path(args.data_path).resolve()), "horizontal_flip": False,
+                "moments": f"VAE posterior mean and std, unscaled: latents = (mean + std·ε)·{LATENT_SCALE}",
+                "torch": torch.__version__, "code": git_commit()}
         start_or_continue(out, meta, files, labels)
         print(f"{len(files):,} images in {len(classes):,} classes → {out}")
     barrier()

@@ -15,7 +15,6 @@ serve FID, precision and recall; Mixed_6d's first 7 channels sFID; pool_3 · fc.
 """
 import argparse
 import json
-import math
 import pickle
 import sys
 import warnings
@@ -63,16 +62,13 @@ STANDARD_COUNTS = 50_000, 10_000  # ADM's tables: 50K samples against its 10K-im
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-#################################################################################
-#                     The FID Inception (TF 2015-12-05), torchvision layout     #
-#################################################################################
+# ---------------------------------------------------------------- the FID Inception (TF 2015-12-05), torchvision layout
 
 def tf_pool(x, max_pool=False):
     """The pool branch's 3×3 / stride 1 / SAME pooling as the TF graph does it: an average that ignores the zero
     padding, or, in the last block only, a max (a quirk of that graph)."""
-    if max_pool:
-        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    return (F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if max_pool
+            else F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
 
 
 class InceptionA(tv.InceptionA):
@@ -91,9 +87,7 @@ class InceptionC(tv.InceptionC):
 
 
 class InceptionE(tv.InceptionE):
-    def __init__(self, in_channels, max_pool=False):
-        super().__init__(in_channels)
-        self.max_pool = max_pool
+    max_pool = False  # True in Mixed_7c only
 
     def _forward(self, x):
         b3 = self.branch3x3_1(x)
@@ -110,11 +104,10 @@ class InceptionFeatures(NamedTuple):
 
 
 def tf1_resize_bilinear(x, size):
-    """TensorFlow-1's `resize_bilinear` (align_corners=False, no half-pixel centres, no antialiasing):
-    output pixel d samples the input at d·(in/out), computed in float32; the lower neighbour is its floor and
-    the upper one is clamped to the edge; interpolate along x on the two rows, then along y, in TF's order of
-    operations. x: (N, C, H, W) → (N, C, size, size) in channels-last memory (what the convolutions run fastest
-    on here), computed on an (N, H, W, C) copy."""
+    """TensorFlow-1's `resize_bilinear` (align_corners=False: no half-pixel centres, no antialiasing): output pixel
+    d samples the input at d·(in/out) in float32, between its floor and the next pixel (clamped to the edge), along
+    x, then y, in TF's order of operations. x: (N, C, H, W) → (N, C, size, size), channels-last in memory (what the
+    convolutions run fastest on here)."""
     def axis(n_in):
         src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size)
         lo = src.floor().long()
@@ -129,28 +122,23 @@ def tf1_resize_bilinear(x, size):
     return (top + (bottom - top) * dy[:, None, None]).permute(0, 3, 1, 2)      # (N, C, size, size)
 
 
-class FIDInception(tv.Inception3):
-    """torchvision's InceptionV3 with 1008 classes and TF's pooling in Mixed_5b–5d, 6b–6e (average without
-    padding) and Mixed_7c (max): the layout of `pt_inception-2015-12-05-6726825d.pth`."""
-
+class FIDInception(tv.Inception3):  # the layout of pt_inception-2015-12-05-6726825d.pth
     def __init__(self):
         super().__init__(num_classes=1008, aux_logits=False, init_weights=False,
                          inception_blocks=[tv.BasicConv2d, InceptionA, tv.InceptionB, InceptionC, tv.InceptionD,
                                            InceptionE, tv.InceptionAux])
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.Mixed_7c.max_pool = True
 
     def forward(self, images):
-        """uint8 images (N, 3, H, W) → InceptionFeatures."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = tf1_resize_bilinear(images.float(), INCEPTION_SIZE).sub_(128).div_(128)  # (N, 3, 299, 299)
         x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))  # (N, 64, 73, 73)
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))                      # (N, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d):
             x = block(x)                                                                   # (N, 768, 17, 17)
-        branches = self.Mixed_6d._forward(x)  # TF's mixed_6/conv is Mixed_6d's 1×1 branch (post-ReLU)
-        spatial = branches[0][:, :SPATIAL_CHANNELS]                                        # (N, 7, 17, 17)
-        x = torch.cat(branches, 1)                                                         # (N, 768, 17, 17)
+        spatial = x[:, :SPATIAL_CHANNELS]  # TF's mixed_6/conv: Mixed_6d's 1×1 branch (post-ReLU), concatenated first
         for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)                                                                   # (N, 2048, 8, 8)
         pool = x.mean(dim=(2, 3))                                                          # (N, 2048)
@@ -159,29 +147,27 @@ class FIDInception(tv.Inception3):
 
 def load_inception(path=None, device="cpu"):
     """The FID Inception with its weights from `path`, or downloaded once into torch's hub cache."""
-    if path is None:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix="6726825d", progress=True)
-            except (OSError, RuntimeError) as e:  # no network, or a file whose hash does not match
-                raise UserError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). Download "
-                                f"the file where there is internet and pass it as --inception PATH.") from None
-    path = Path(path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+    if path is None and not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix="6726825d", progress=True)
+        except (OSError, RuntimeError) as e:  # no network, or a file whose hash does not match
+            raise UserError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). Download "
+                            f"the file where there is internet and pass it as --inception PATH.") from None
+    path = Path(path or cached)
     if not path.is_file():
         raise UserError(f"--inception {path} does not exist (the weights are at {INCEPTION_URL})")
     model = FIDInception()
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except (pickle.UnpicklingError, EOFError, RuntimeError, TypeError):  # not a weight file, or other weights
         raise UserError(f"{path} is not the FID Inception's weights (expected the state dict "
                         f"{INCEPTION_URL})") from None
     return model.eval().requires_grad_(False).to(device)
 
 
-class Source(NamedTuple):
-    """One input: images to run through the network (or none), and statistics it carries (or none)."""
+class Source(NamedTuple):  # one input
     count: int
     batches: object       # batches(start, stop, size) → iterator of uint8 (n, H, W, 3) arrays, or None
     stats: dict           # mu, sigma, mu_s, sigma_s when the file carries them, else {}
@@ -198,10 +184,7 @@ def open_source(path):
 
         def folder_batches(start, stop, size):
             for lo in range(start, stop, size):
-                arrays = []
-                for p in files[lo:min(stop, lo + size)]:
-                    with Image.open(p) as image:
-                        arrays.append(np.asarray(image.convert("RGB")))
+                arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files[lo:min(stop, lo + size)]]
                 if len({a.shape for a in arrays}) > 1:
                     raise UserError(f"{path}: images of different sizes ({sorted({a.shape for a in arrays})})")
                 yield np.stack(arrays)
@@ -224,11 +207,9 @@ def open_source(path):
         raise UserError(f"{path} has neither images (arr_0) nor saved statistics (pool); keys: {npz.files}")
     # The images are streamed from the zip, so that 50K of them never sit in memory.
     with npz.zip.open("arr_0.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise UserError(f"{path}: arr_0 has .npy format version {version}, not 1.0 or 2.0")
-        shape, fortran, dtype = read_header[version](f)
+        fmt = np.lib.format  # .npy 1.0, or 2.0 / 3.0 (long or UTF-8 headers), which share 2.0's header layout
+        read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
         offset = f.tell()
     if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
         raise UserError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}")
@@ -259,32 +240,26 @@ def extract_features(model, source, batch_size, rank=0, world_size=1, desc="feat
     device = next(model.parameters()).device
     start, stop = rank * source.count // world_size, (rank + 1) * source.count // world_size
     parts = []
-    for batch in tqdm(source.batches(start, stop, batch_size), total=math.ceil((stop - start) / batch_size),
+    for batch in tqdm(source.batches(start, stop, batch_size), total=len(range(start, stop, batch_size)),
                       desc=desc, disable=rank != 0):
         images = torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2)  # (n, 3, H, W), a copy
         parts.append([f.cpu().numpy() for f in model(images)])
-    mine = [np.concatenate(columns) for columns in zip(*parts)] if parts else [None] * 3
-    if world_size > 1:
+    if world_size > 1:  # every rank's batches, in rank order
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, mine)
-        mine = [np.concatenate([g[i] for g in gathered if g[i] is not None]) for i in range(3)]
-    return InceptionFeatures(*mine)
+        dist.all_gather_object(gathered, parts)
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    return InceptionFeatures(*(np.concatenate(columns) for columns in zip(*parts)))
 
 
-#################################################################################
-#                                      Metrics                                  #
-#################################################################################
+# ---------------------------------------------------------------- metrics
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FD_EPS):
-    """d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (Heusel et al. 2017), computed as ADM / pytorch-fid do.
-
-    When sqrtm(Σ₁Σ₂) is not finite, eps·I is added to both covariances; an imaginary part is dropped when its
-    diagonal is below 1e-3, and is an error otherwise."""
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    """d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (Heusel et al. 2017), computed as ADM / pytorch-fid do: when
+    sqrtm(Σ₁Σ₂) is not finite, eps·I is added to both covariances; an imaginary part is dropped when its diagonal
+    is below 1e-3, and is an error otherwise."""
+    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} and {mu2.shape}")
-    diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         warnings.warn(f"sqrtm(Σ₁Σ₂) is singular; adding {eps} to the diagonal of both covariances")
@@ -294,6 +269,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FD_EPS):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm(Σ₁Σ₂) has an imaginary component of {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
+    diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
@@ -302,21 +278,18 @@ def inception_score(logits, split_size=IS_SPLIT_SIZE):
     logits: (N, 1008). The softmax and the logarithms run in float32, as in the ADM evaluator."""
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
     scores = []
-    for start in range(0, len(probs), split_size):
-        p = probs[start:start + split_size]
+    for p in np.split(probs, range(split_size, len(probs), split_size)):  # (split_size, 1008) each
         kl = p * (np.log(p) - np.log(np.mean(p, axis=0, keepdims=True)))
         scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
     return float(np.mean(scores))
 
 
 def squared_distances(a, b):
-    """‖a_i − b_j‖² (m, n) in the order of roundings of ADM's DistanceBlock on float16 features: each feature,
-    each square and each norm ‖a‖² = Σ a² rounded to float16; a·b summed in float32 (TF's float16 matmul) and
-    rounded; ‖a‖² − 2a·b, then + ‖b‖², each rounded; clamped at 0. The block is recomputed in float32 if any
-    entry overflows float16, as the evaluator's tf.cond does.
-
-    TF's reduce_sum adds float16 numbers in float16, in its kernel's order (CUB's tree on a GPU), which we do not
-    copy: we add in float32 and round once, so a norm can still differ from the evaluator's by a float16 step."""
+    """‖a_i − b_j‖² (m, n) with the roundings of ADM's DistanceBlock on float16 features: the features, squares,
+    norms ‖a‖² = Σ a², dot products a·b (summed in float32, as TF's float16 matmul), ‖a‖² − 2a·b and + ‖b‖² are each
+    rounded to float16, then clamped at 0; the block is redone in float32 if an entry overflows (TF's tf.cond).
+    Deviation: TF adds a norm's float16 terms in float16, in its kernel's order (CUB's tree on a GPU); we add them
+    in float32 and round once, so a norm can still differ from the evaluator's by a float16 step."""
     a16, b16 = a.half(), b.half()
     na, nb = (a16 * a16).float().sum(1).half(), (b16 * b16).float().sum(1).half()  # (m,), (n,): float16 squares
     dot = (a16.float() @ b16.float().T).half()                                      # (m, n)
@@ -327,38 +300,34 @@ def squared_distances(a, b):
     return (na[:, None] - 2 * a @ b.T + nb[None, :]).clamp(min=0)
 
 
-def manifold_radii(features, k=PR_NEIGHBOURS, batch=PR_BATCH):
-    """Each point's squared distance to its k-th nearest other point: the (k+1)-th smallest, itself included.
-    Rows and columns go in blocks of `batch`, keeping only the k + 1 smallest per row: memory ~ batch²."""
-    x = torch.as_tensor(features, dtype=torch.float32)
+def manifold_radii(x, k=PR_NEIGHBOURS, batch=PR_BATCH):
+    """Each point's squared distance to its k-th nearest other point: the (k+1)-th smallest, itself included. x: (N, D)
+    float32, in blocks of `batch` × `batch` (memory ~ batch²), keeping the k + 1 smallest per row of each block."""
     radii = []
     for rows in x.split(batch):
-        smallest = torch.full((len(rows), 0), float("inf"))
-        for cols in x.split(batch):
-            both = torch.cat([smallest, squared_distances(rows, cols)], dim=1)
-            smallest = both.topk(min(k + 1, both.shape[1]), dim=1, largest=False).values  # (rows, k + 1)
-        radii.append(smallest[:, k])
+        smallest = torch.cat([squared_distances(rows, cols).topk(min(k + 1, len(cols)), dim=1, largest=False).values
+                              for cols in x.split(batch)], dim=1)                   # (rows, ≤ (k + 1) per block)
+        radii.append(smallest.kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
 
 
 def covered(points, centres, radii, batch=PR_BATCH):
-    """For each point: is it within the radius (≤) of at least one centre? (n,) bool."""
-    points, centres = torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(centres, dtype=torch.float32)
+    """For each point: is it within the radius (≤) of at least one centre? (n,) bool, in blocks as manifold_radii."""
     inside = []
     for rows in points.split(batch):
-        hit = torch.zeros(len(rows), dtype=torch.bool)
-        for cols, r in zip(centres.split(batch), radii.split(batch)):
-            hit |= (squared_distances(rows, cols) <= r[None, :]).any(dim=1)
-        inside.append(hit)
+        hits = [(squared_distances(rows, cols) <= r).any(dim=1)
+                for cols, r in zip(centres.split(batch), radii.split(batch))]
+        inside.append(torch.stack(hits).any(dim=0))
     return torch.cat(inside)
 
 
 def precision_recall(ref_features, sample_features, k=PR_NEIGHBOURS, batch=PR_BATCH):
     """Kynkäänniemi et al. (2019) as ADM estimates them: precision = the fraction of samples inside the reference
     manifold (the union of balls around reference points, radius = k-NN distance), recall = the reverse."""
-    ref_radii, sample_radii = manifold_radii(ref_features, k, batch), manifold_radii(sample_features, k, batch)
-    precision = covered(sample_features, ref_features, ref_radii, batch).float().mean().item()
-    recall = covered(ref_features, sample_features, sample_radii, batch).float().mean().item()
+    ref, samples = (torch.as_tensor(f, dtype=torch.float32) for f in (ref_features, sample_features))
+    ref_radii, sample_radii = manifold_radii(ref, k, batch), manifold_radii(samples, k, batch)
+    precision = covered(samples, ref, ref_radii, batch).float().mean().item()
+    recall = covered(ref, samples, sample_radii, batch).float().mean().item()
     return precision, recall
 
 
@@ -371,9 +340,9 @@ def statistics_of(source, features):
             "mu_s": features.spatial.mean(axis=0), "sigma_s": np.cov(features.spatial, rowvar=False)}
 
 
-def open_inputs(args):
-    """The inputs, checked before any weights are loaded (or downloaded). Each must hold enough images for its
-    metrics: a covariance (FID, sFID) needs 2, precision and recall a point and its k nearest neighbours."""
+def main(args):
+    # The inputs are checked before any weights are loaded (or downloaded). Each must hold enough images for its
+    # metrics: a covariance (FID, sFID) needs 2, precision and recall a point and its k nearest neighbours.
     if bool(args.save_stats) == (args.samples is not None):
         raise UserError("give a reference and a sample batch (python fid.py REF SAMPLES), or one input with "
                         "--save-stats (python fid.py INPUT --save-stats OUT.npz)")
@@ -385,17 +354,11 @@ def open_inputs(args):
         if source.count < (2 if args.save_stats else PR_NEIGHBOURS + 1):
             raise UserError(f"{path} holds {source.count} image(s): FID and sFID need at least 2 (a covariance), "
                             f"precision and recall at least {PR_NEIGHBOURS + 1} in each set (k = {PR_NEIGHBOURS})")
-    return sources
-
-
-def main(args):
-    sources = open_inputs(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # reference-grade features
     rank, world_size, device = init_distributed()
     model = load_inception(args.inception, device)
-    descs = ["features"] if args.save_stats else ["reference", "samples"]
-    features = [extract_features(model, source, args.batch_size, rank, world_size, desc)
-                for source, desc in zip(sources, descs)]
+    features = [extract_features(model, source, args.batch_size, rank, world_size, desc) for source, desc
+                in zip(sources, ["features"] if args.save_stats else ["reference", "samples"])]
     if rank == 0 and args.save_stats:
         np.savez(args.save_stats, pool=features[0].pool, **statistics_of(sources[0], features[0]))
         print(f"saved the statistics of {len(features[0].pool)} images to {args.save_stats}")

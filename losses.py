@@ -18,16 +18,14 @@ DATA_TIME = 0.0
 NOISE_TIME = 1.0
 
 DIVERSITY_EPS = 1e-8      # the release's numerical-stability constant in every normalisation
-MAX_DIVERSITY_PAIRS = 10  # |P|: the release's 10 block pairs (the paper's Appendix B speaks of 10 layers)
+DIVERSITY_LAYERS = 10     # |P|: the release's 10 block pairs (the paper's Appendix B: "10 layers"; Table A7 varies it)
+DIVERSITY_TERMS = ("orth", "mi", "disp")  # L_orth, L_MI, L_disp (paper Eq. 15); Tables 7, A8, A9 keep one of them
 MAX_DIVERSITY_LOSS = 5.0  # the release clamps L_div above at this value
 MAX_USAGE_VARIANCE = 0.25  # the largest variance of a variable in [0, 1]: L_disp's normaliser in the release
-ADAPTIVE_WEIGHT_RANGE = (0.1, 0.5)  # paper Sec. 3.2: w = 0 below, 1 above, a ramp in between
-ADAPTIVE_WEIGHT_SCALE = 0.5         # the ramp's divisor as printed, (L_div − 0.1) / 0.5 (not the range's width)
+ADAPTIVE_WEIGHT_RANGE = (0.1, 0.5)  # paper Sec. 3.2: w = 0 below, 1 above, a ramp in between (Table 8 varies it)
 
 
-#################################################################################
-#                                 Flow matching                                 #
-#################################################################################
+# ---------------------------------------------------------------- flow matching
 
 def interpolant(t, path_type="linear"):
     """α_t, σ_t and their time derivatives for x_t = α_t·x + σ_t·ε (REPA's `SILoss.interpolant`).
@@ -77,9 +75,7 @@ def flow_matching_loss(v_pred, v_target):
     return (v_pred.float() - v_target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
-#################################################################################
-#                            REPA: representation alignment                     #
-#################################################################################
+# ---------------------------------------------------------------- REPA: representation alignment
 
 def repa_loss(projections, targets):
     """L_REPA = −(1/K) Σ_k (1/T) Σ_t cos(h_φ,k(f)[n, t], z_k[n, t]) (Yu et al. 2025, REPA's `SILoss`). Per sample: (N,).
@@ -99,21 +95,22 @@ def repa_loss(projections, targets):
     return torch.stack(per_encoder).mean(dim=0)  # (K, N) → (N,)
 
 
-#################################################################################
-#                  DiverseDiT: representation diversity loss (Sec. 3.2)         #
-#################################################################################
+# ---------------------------------------------------------------- DiverseDiT: representation diversity loss (Sec. 3.2)
 
-def diversity_pairs(depth, encoder_depth=None):
+def diversity_pairs(depth, encoder_depth=None, layers=DIVERSITY_LAYERS):
     """The block pairs P on which L_orth and L_MI are computed, exactly as the authors' release builds them.
 
-    The paper (Appendix B) "randomly selects 10 layers"; the release uses this fixed list instead: at most 10
-    pairs (i, j), the inner index j running i+1 … L−1 and stopping at 10 pairs. The outer index i starts at 0
-    without REPA, and at 10 − encoder_depth − 1 with REPA, ending at 10 + encoder_depth − 1 as the release's loop
+    The paper (Appendix B) "randomly selects 10 layers"; the release uses this fixed list instead: at most K = 10
+    pairs (i, j), the inner index j running i+1 … L−1 and stopping at K pairs. The outer index i starts at 0
+    without REPA, and at K − encoder_depth − 1 with REPA, ending at K + encoder_depth − 1 as the release's loop
     does (a bound that changes the set only for depth 13 with encoder_depth 1). Examples with REPA: encoder_depth 8
     gives block 1 against blocks 2…11; depth 12 with encoder_depth 4 gives (5, 6…11) and (6, 7…10).
+    Table A7's other counts (5, 15, 20) replace 10 by K in this rule; `layers=None` ("all") takes every pair.
     Blocks are 0-indexed.
     """
-    max_pairs = min(MAX_DIVERSITY_PAIRS, depth * (depth - 1) // 2)
+    if layers is None:
+        return [(i, j) for i in range(depth) for j in range(i + 1, depth)]
+    max_pairs = min(layers, depth * (depth - 1) // 2)
     if encoder_depth is None:
         outer = range(depth)
     else:
@@ -192,13 +189,16 @@ class DiversityLoss(NamedTuple):
     dispersion: torch.Tensor          # L_disp
 
 
-def diversity_loss(feats, pairs):
+def diversity_loss(feats, pairs, terms=DIVERSITY_TERMS):
     """L_div = λ_orth·L_orth + λ_MI·L_MI + λ_disp·L_disp with λ = 1/3 each (paper Eq. 15: "0.33"; the release
     takes the mean of the three).
 
-    feats: the L block outputs (N, T, D), not detached; pairs: see `diversity_pairs`. Returns the total and
-    its three terms, all scalars. As in the release, the total is clamped above at 5 (inert: the mean of the
-    three terms never exceeds 2/3) and replaced by 0 when not finite. Unlike the release, which skips each pair
+    feats: the L block outputs (N, T, D), not detached; pairs: see `diversity_pairs`; terms: those of
+    DIVERSITY_TERMS in the total. Returns the total and its three terms, all scalars (all three are computed, for
+    the log). Tables 7, A8, A9 ("only L_orth", …) keep one term: we read them as Eq. 15 with the other λ set to 0,
+    so the kept term keeps its λ = 1/3 and w is computed on that L_div (not on the term alone).
+    As in the release, the total is clamped above at 5 (inert: the mean of the three terms never exceeds 2/3) and
+    replaced by 0 when not finite. Unlike the release, which skips each pair
     or block holding a NaN or Inf (one host-device synchronisation per pair) and returns a constant without
     gradient, this is one `torch.where` on the total: no synchronisation, but non-finite features still send
     non-finite gradients backwards, as the flow-matching loss on the same features does anyway.
@@ -208,27 +208,32 @@ def diversity_loss(feats, pairs):
     if any(f.shape != feats[0].shape for f in feats):
         raise ValueError(f"block features differ in shape: {sorted({tuple(f.shape) for f in feats})}")
     feats = [f.float() for f in feats]  # once, so that the terms share the float32 copies
+    if not terms or not set(terms) <= set(DIVERSITY_TERMS):
+        raise ValueError(f"diversity terms {terms!r}: choose one or more of {', '.join(DIVERSITY_TERMS)}")
     orth, mi, disp = orthogonality_loss(feats, pairs), mutual_information_loss(feats, pairs), dispersion_loss(feats)
-    total = ((orth + mi + disp) / 3).clamp(max=MAX_DIVERSITY_LOSS)
+    kept = [term for name, term in zip(DIVERSITY_TERMS, (orth, mi, disp)) if name in terms]
+    total = (sum(kept) / 3).clamp(max=MAX_DIVERSITY_LOSS)
     total = torch.where(torch.isfinite(total), total, 0.0)
     return DiversityLoss(total, orth, mi, disp)
 
 
-def adaptive_weight(l_div):
+def adaptive_weight(l_div, weight_range=ADAPTIVE_WEIGHT_RANGE):
     """w = 1 if L_div > 0.5;  (L_div − 0.1) / 0.5 if 0.1 < L_div ≤ 0.5;  0 otherwise  (paper Sec. 3.2).
 
     It keeps L_div from being optimised towards 0, where training diverges (paper Table 8). The paper does not
     say whether w is detached; the release does not detach it, and neither do we, so in the middle range the
-    gradient of w·L_div is (2·L_div − 0.1) / 0.5. Only the printed range [0.1, 0.5] is implemented: the paper's
-    Table 8 also reports [0.2, 0.7] and [0.3, 0.9] without saying how they map onto the formula.
+    gradient of w·L_div is (2·L_div − 0.1) / 0.5. Table 8's other ranges [lo, hi] = [0.2, 0.7], [0.3, 0.9] are not
+    printed as formulas; we read the printed one as (L_div − lo) / hi, i.e. w = 1 above hi, (L_div − lo) / hi in
+    (lo, hi], 0 below: [0.1, 0.5] is exactly the printed w, and w jumps to 1 at hi as the printed one does (0.8 → 1).
+    weight_range None is Table 8's constant weight, w = 1.
     """
-    low, high = ADAPTIVE_WEIGHT_RANGE
-    return torch.where(l_div > high, 1.0, torch.where(l_div > low, (l_div - low) / ADAPTIVE_WEIGHT_SCALE, 0.0))
+    if weight_range is None:
+        return torch.ones_like(l_div)
+    low, high = weight_range
+    return torch.where(l_div > high, 1.0, torch.where(l_div > low, (l_div - low) / high, 0.0))
 
 
-#################################################################################
-#                  DispLoss (Wang & He 2025) and SRA (Jiang et al. 2025)         #
-#################################################################################
+# ---------------------------------------------------------------- DispLoss (Wang & He 2025) and SRA (Jiang et al. 2025)
 
 def disploss(z, tau=1.0):
     """L_Disp = log( (1/N²) Σ_{i,j} exp(−‖z_i − z_j‖² / (τ·d)) ), the InfoNCE-ℓ2 form of "Diffuse and Disperse".
@@ -264,9 +269,7 @@ def sra_loss(student, teacher, beta=0.05):
     return elementwise.mean(dim=(1, 2))
 
 
-#################################################################################
-#                 MeanFlow (Geng et al. 2025): one-step generation              #
-#################################################################################
+# ---------------------------------------------------------------- MeanFlow (Geng et al. 2025): one-step generation
 
 MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD = -0.4, 1.0  # logit-normal (t, r) draws (official configs)
 MEANFLOW_R_EQUALS_T = 0.75                          # fraction of the batch with r = t (official data_proportion)
@@ -294,6 +297,22 @@ def meanflow_target(u_fn, z, r, t, v):
         u, du_dt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
     h = (t - r).clamp(0, 1)[:, None, None, None]  # (N,) → (N, 1, 1, 1)
     return u.detach(), (v - h * du_dt).detach()
+
+
+def meanflow_guided_velocity(u_fn, z_t, t, y, v, null_class, omega=1.0, kappa=0.0, interval=(0.0, 1.0)):
+    """MeanFlow's guided target velocity (its official code's guidance in training): inside the time interval and for
+    samples that kept their label, ṽ = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅); elsewhere v.
+
+    u_fn(z, t, y): the network's instantaneous velocity u(z, t, t | y); z_t, v: (N, C, H, W); t, y: (N,).
+    """
+    if omega == 1.0 and kappa == 0.0:
+        return v
+    null = torch.full_like(y, null_class)
+    with torch.no_grad():  # one batched forward, conditional and unconditional
+        u_cond, u_uncond = u_fn(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    guided = omega * v + kappa * u_cond + (1 - omega - kappa) * u_uncond
+    inside = (t >= interval[0]) & (t <= interval[1]) & (y != null_class)  # (N,)
+    return torch.where(inside[:, None, None, None], guided, v)
 
 
 def meanflow_loss(u_pred, u_target, c=MEANFLOW_NORM_EPS, p=1.0):

@@ -7,7 +7,6 @@
 CKPT is a training checkpoint of this project (EMA weights unless --weights model), the official SiT-XL/2
 file, or REPA's last.pt. Every setting is printed and saved beside the outputs (`<name>.json`); a run interrupted
 and started again with the same command continues where it stopped and ends with the same files.
-
 Time convention (REPA's): samplers integrate from t = 1 (noise) to t = 0 (data).
 """
 import argparse
@@ -24,20 +23,15 @@ DEFAULT_STEPS = {"euler": 50, "heun": 50, "sde": 250, "meanflow": 1}
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a training checkpoint, SiT-XL-2-256.pt, or REPA's last.pt")
-    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
-                        help="which weights of a training checkpoint")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="the set of a training checkpoint")
     parser.add_argument("--model", default=None, help="expected model (e.g. SiT-XL/2); read from the weights anyway")
     parser.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="euler",
-                        help="euler / heun (ODE), sde (Euler–Maruyama, the papers' FID sampler), or meanflow "
-                             "(for MeanFlow models)")
-    parser.add_argument("--num-steps", type=int, default=None,
-                        help="default: 50 for euler / heun, 250 for sde, 1 for meanflow")
-    parser.add_argument("--cfg-scale", type=float, default=1.0,  # the paper's Tables 1, 4, 6–9 use no guidance
-                        help="1 = no guidance")
+                        help="euler / heun (ODE), sde (Euler–Maruyama, the papers' FIDs), meanflow (MeanFlow models)")
+    parser.add_argument("--num-steps", type=int, default=None, help=f"default: {DEFAULT_STEPS}")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance (the paper's Tables 1, 4, 6–9)")
     parser.add_argument("--guidance-low", type=float, default=0.0, help="guide only where low ≤ t ≤ high (REPA)")
     parser.add_argument("--guidance-high", type=float, default=1.0)
-    parser.add_argument("--num-fid-samples", type=int, default=None,
-                        help="write this many PNGs and an .npz; without it, a grid")
+    parser.add_argument("--num-fid-samples", type=int, default=None, help="this many PNGs and an .npz; else a grid")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="grid classes")
     parser.add_argument("--images-per-class", type=int, default=4, help="grid columns")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)  # REPA generate.py's default
@@ -54,7 +48,6 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
 
 import numpy as np
-import PIL
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
@@ -69,11 +62,18 @@ SDE_LAST_TIME = 0.04  # REPA: Euler–Maruyama down to t = 0.04, then one determ
 GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (ImageNet classes)
 
 
+def grid_labels(num_classes, classes=None, per_class=4):
+    """(len(classes)·per_class,) labels, one class per grid row: by default DiT's grid classes on ImageNet, else the
+    first 8 classes."""
+    classes = classes or (GRID_CLASSES if num_classes == 1000 else [*range(min(8, num_classes))])
+    return torch.tensor([c for c in classes for _ in range(per_class)])
+
+
 def guidance_at(t, cfg_scale, interval):
     """The guidance scale of a step that starts at time t: cfg_scale inside [low, high], else 1 (no guidance).
-    The one place that decides where to guide. REPA guides only when cfg_scale > 1; here any scale other than 1
-    guides (the two agree on every scale the papers use). The paper's Tables 2–3 use "the same guidance interval as
-    REPA" without giving it, so the default interval is all of [0, 1]; REPA's README command uses high = 0.7."""
+    REPA guides only when cfg_scale > 1; here any scale other than 1 guides (the two agree on every scale the papers
+    use). The paper's Tables 2–3 use "the same guidance interval as REPA" without giving it, so the default interval
+    is all of [0, 1]; REPA's README command uses high = 0.7."""
     low, high = interval
     return cfg_scale if low <= t <= high else 1.0
 
@@ -246,46 +246,46 @@ def load_sampling_model(path, weights="ema", model_name=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch reports foreign pickles as UnpicklingError or RuntimeError, depending on version
         found = re.search(r"GLOBAL (\S+)", str(e))  # the class that weights_only refused to unpickle
-        raise UserError(f"{path} is not a checkpoint this script reads: a torch file holding " + (
-            f"a pickled {found[1]}, which does not load safely" if found else f"what torch cannot read ({e})")) from None
+        holds = f"a pickled {found[1]}, which does not load safely" if found else f"what torch cannot read ({e})"
+        raise UserError(f"{path} is not a checkpoint this script reads: a torch file holding {holds}") from None
     training = isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys()
-    if training and not isinstance(ckpt["args"], dict):
-        raise UserError(f"{path}: its training arguments are a {type(ckpt['args']).__name__}, not a dict")
-    if not training:
+    if training:
+        if not isinstance(ckpt["args"], dict):
+            raise UserError(f"{path}: its training arguments are a {type(ckpt['args']).__name__}, not a dict")
+        state_dict, train_args, kind = ckpt[weights], ckpt["args"], "DiverseDiT training checkpoint"
+    else:
         if not (isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())):
             keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
             raise UserError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and "
-                             f"args) nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}"
-                             + (f" with keys {keys}" if keys else ""))
+                            f"args) nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}"
+                            + (f" with keys {keys}" if keys else ""))
         if weights != "ema":
             raise UserError(f"{path} is a bare state dict, which holds one set of weights (the released EMA); "
-                             f"--weights {weights} applies to this project's training checkpoints only")
+                            f"--weights {weights} applies to this project's training checkpoints only")
         if any(key.startswith("module.") for key in ckpt):
             raise UserError(f"{path}: keys start with 'module.' (saved from a DDP wrapper); strip that prefix first")
-    state_dict, train_args = (ckpt[weights], ckpt["args"]) if training else (ckpt, {})
-    kind = "DiverseDiT training checkpoint" if training else "a bare state dict"
+        state_dict, train_args, kind = ckpt, {}, "a bare state dict"
     try:
         name, config = config_from_state_dict(state_dict)
     except ValueError as e:
         raise UserError(f"{path} ({kind}): {e}") from None
-    sit_time = False
+    sit_time = not training and config["learn_sigma"]
     if not training:  # the official SiT file or REPA's last.pt, told apart by their heads
         projectors = any(key.startswith("projectors.") for key in state_dict)
         ours = [head for head in ("skip_linears.", "sra_head.") if any(key.startswith(head) for key in state_dict)]
         if ours or projectors == config["learn_sigma"]:
             raise UserError(f"{path} is a bare state dict that is neither the official SiT file (learn_sigma, no "
-                             f"projectors) nor REPA's last.pt (projectors, no learn_sigma): it has learn_sigma="
-                             f"{config['learn_sigma']}, projectors={projectors}"
-                             + (f", {' and '.join(h.rstrip('.') for h in ours)}" if ours else "")
-                             + ". Its time convention is unknown; sample from the training checkpoint it came from.")
-        sit_time = config["learn_sigma"]
+                            f"projectors) nor REPA's last.pt (projectors, no learn_sigma): it has learn_sigma="
+                            f"{config['learn_sigma']}, projectors={projectors}"
+                            + (f", {' and '.join(h.rstrip('.') for h in ours)}" if ours else "")
+                            + ". Its time convention is unknown; sample from the training checkpoint it came from.")
         kind = "SiT state dict (SiT's time convention)" if sit_time else "REPA state dict (REPA's time convention)"
     for claimed, source in ((model_name, "--model"), (train_args.get("model"), "its training arguments")):
         if claimed is not None and claimed != name:
             raise UserError(f"{source}: {claimed}, but {path} ({kind}) holds the weights of a {name}")
     if config["in_channels"] not in (LATENT_CHANNELS, 3):
         raise UserError(f"{path} holds a model of {config['in_channels']} input channels: neither SD-VAE latents "
-                         f"({LATENT_CHANNELS}) nor RGB pixels (3)")
+                        f"({LATENT_CHANNELS}) nor RGB pixels (3)")
     model = build_model(name, sit_time=sit_time, **config)
     model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(TRAINING_HEADS)}, strict=True)
     description = {"checkpoint_kind": kind, "weights": weights, "model": name, "sit_time": sit_time,
@@ -300,8 +300,8 @@ def run_name(args, description):
     ckpt = Path(args.ckpt)
     stem = f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
     model = description["model"].replace("/", "-")
-    name = (stem if model in stem else f"{model}-{stem}") + (f"-{args.weights}-{args.sampler}{args.num_steps}"
-                                                               f"-cfg{args.cfg_scale:g}")
+    name = (stem if model in stem else f"{model}-{stem}") + f"-{args.weights}-{args.sampler}{args.num_steps}"
+    name += f"-cfg{args.cfg_scale:g}"
     if (args.guidance_low, args.guidance_high) != (0.0, 1.0):
         name += f"-interval{args.guidance_low:g}-{args.guidance_high:g}"
     if description["in_channels"] == LATENT_CHANNELS:
@@ -321,7 +321,7 @@ def settings_record(args, description, labels):
         "per_proc_batch_size": args.per_proc_batch_size, "num_samples": args.num_fid_samples, "labels": labels,
         "vae": args.vae if latent else None, "vae_sha256": file_sha256(vae_weights_path(args.vae)) if latent else None,
         "uint8": "clamp(127.5·x + 128, 0, 255) rounded down",
-        "versions": {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__},
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "pillow": Image.__version__},
         "code": [git_commit()],
     }
 
@@ -353,45 +353,42 @@ def main(args):
             raise UserError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
         raise UserError(f"the guidance interval must satisfy 0 ≤ low ≤ high ≤ 1, got [{args.guidance_low}, "
-                         f"{args.guidance_high}]")
+                        f"{args.guidance_high}]")
     if args.num_fid_samples is not None and args.class_labels:
         raise UserError("--class-labels sets a grid's rows; FID batches draw labels uniformly per sample")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     rank, world_size, device = init_distributed()
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
-    if description["meanflow"] != (args.sampler == "meanflow"):
-        raise UserError(f"{args.ckpt} holds a {'MeanFlow' if description['meanflow'] else 'flow-matching'} model: "
-                         f"use --sampler {'meanflow' if description['meanflow'] else 'euler, heun or sde'}")
-    if args.sampler == "meanflow" and args.cfg_scale != 1.0:
+    meanflow = description["meanflow"]
+    if meanflow != (args.sampler == "meanflow"):
+        raise UserError(f"{args.ckpt} holds a {'MeanFlow' if meanflow else 'flow-matching'} model: "
+                        f"use --sampler {'meanflow' if meanflow else 'euler, heun or sde'}")
+    if meanflow and args.cfg_scale != 1.0:
         raise UserError("MeanFlow trains guidance into the network: sample it with --cfg-scale 1")
     if args.sampler == "sde" and description["path_type"] != "linear":
         raise UserError(f"the SDE sampler's score assumes the linear path; {args.ckpt} was trained on the "
-                         f"{description['path_type']} path: use --sampler euler or heun")
+                        f"{description['path_type']} path: use --sampler euler or heun")
     model.to(device)
     vae = load_vae(args.vae, device) if description["in_channels"] == LATENT_CHANNELS else None
     stem = Path(args.sample_dir) / run_name(args, description)
-    if args.num_fid_samples is None:
-        sample_grid(model, vae, args, description, stem, rank)
-    else:
+    if args.num_fid_samples is not None:
         sample_fid_batch(model, vae, args, description, stem, rank, world_size)
+    elif rank == 0:  # a grid is one process's work
+        sample_grid(model, vae, args, description, stem)
     close_distributed()
 
 
-def sample_grid(model, vae, args, description, stem, rank):
-    """A PNG grid: one row per class, `images_per_class` columns (rank 0 only)."""
-    if rank != 0:
-        return
-    default = GRID_CLASSES if model.num_classes == 1000 else list(range(min(8, model.num_classes)))
-    classes = args.class_labels or default
-    if not all(0 <= c < model.num_classes for c in classes):
-        raise UserError(f"--class-labels must lie in 0..{model.num_classes - 1}, got {classes}")
-    labels = torch.tensor([c for c in classes for _ in range(args.images_per_class)])
+def sample_grid(model, vae, args, description, stem):
+    """A PNG grid: one row per class, `images_per_class` columns; on the built-in data, the classifier's verdict."""
+    if not all(0 <= c < model.num_classes for c in args.class_labels or []):
+        raise UserError(f"--class-labels must lie in 0..{model.num_classes - 1}, got {args.class_labels}")
+    labels = grid_labels(model.num_classes, args.class_labels, args.images_per_class)
+    classes = labels[::args.images_per_class].tolist()
     settings = {**settings_record(args, description, classes), "images_per_class": args.images_per_class}
     print(json.dumps(settings, indent=1))
     stem = stem.parent / f"{stem.name}-grid-{'-'.join(map(str, classes))}-x{args.images_per_class}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    batches = [list(range(k, min(len(labels), k + args.per_proc_batch_size)))
-               for k in range(0, len(labels), args.per_proc_batch_size)]
+    batches = [batch.tolist() for batch in torch.arange(len(labels)).split(args.per_proc_batch_size)]
     images = torch.cat([images for _, images in draw(model, vae, args, batches, labels)])  # (N, H, W, 3)
     save_grid(images, args.images_per_class, beside(stem, ".png"))
     save_json(settings, beside(stem, ".json"))
@@ -406,7 +403,6 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
     """folder/000000.png … and folder.npz: exactly `num_fid_samples` images (DiT / REPA round up to a multiple of the
     global batch and drop the extras), labels uniform per sample, split over ranks. A run continued after an
     interruption must have the same settings (checked against folder.json) and writes only the missing batches."""
-    N, B = args.num_fid_samples, args.per_proc_batch_size
     if rank == 0:
         settings = settings_record(args, description, "uniform random per sample")
         print(json.dumps(settings, indent=1))
@@ -420,13 +416,13 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
             changed = [key for key in settings if key != "code" and old.get(key) != settings[key]]
             if changed:
                 raise UserError(f"{record} records other settings for these outputs ({', '.join(changed)} differ); "
-                                 f"move the old outputs away or change --sample-dir")
+                                f"move the old outputs away or change --sample-dir")
             if settings["code"][0] not in old["code"]:  # continued with other code: say so in the record
                 settings["code"] = old["code"] + settings["code"]
         save_json(settings, record)
     barrier()
     # Fixed batches of sample indices, so a batch recomputed after an interruption is the same batch.
-    batches = [list(range(k, min(N, k + B))) for k in range(0, N, B)]
+    batches = [batch.tolist() for batch in torch.arange(args.num_fid_samples).split(args.per_proc_batch_size)]
     pending = [batch for batch in batches if not all((folder / f"{i:06d}.png").is_file() for i in batch)]
     barrier()  # every rank has listed the same pending batches before any writes
     if rank == 0 and len(pending) < len(batches):
@@ -437,8 +433,8 @@ def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
     barrier()
     npz = beside(folder, ".npz")
     if rank == 0 and not npz.is_file():
-        write_npz(folder, N, npz)
-        print(f"saved {npz} ({N} images)")
+        write_npz(folder, args.num_fid_samples, npz)
+        print(f"saved {npz} ({args.num_fid_samples} images)")
 
 
 if __name__ == "__main__":

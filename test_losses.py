@@ -242,6 +242,31 @@ def test_adaptive_weight_values_and_gradients(l_div, w, grad_of_w, grad_of_produ
     torch.testing.assert_close(g, torch.tensor(grad_of_product))
 
 
+@pytest.mark.parametrize("weight_range, l_div, w", [
+    ((0.2, 0.7), 0.2, 0.0), ((0.2, 0.7), 0.45, 0.25 / 0.7), ((0.2, 0.7), 0.7, 0.5 / 0.7), ((0.2, 0.7), 0.71, 1.0),
+    ((0.3, 0.9), 0.3, 0.0), ((0.3, 0.9), 0.6, 0.3 / 0.9), ((0.3, 0.9), 0.9, 0.6 / 0.9), ((0.3, 0.9), 0.91, 1.0),
+    ((0.1, 0.5), 0.5, 0.8), (None, 0.0, 1.0), (None, 3.0, 1.0),
+])
+def test_table_8_ranges_ramp_as_lo_over_hi_and_the_constant_weight_is_one(weight_range, l_div, w):
+    torch.testing.assert_close(adaptive_weight(torch.tensor(l_div), weight_range), torch.tensor(w))
+
+
+@pytest.mark.parametrize("kept", [("orth",), ("mi",), ("disp",), ("orth", "disp")])
+def test_chosen_terms_keep_their_third_and_alone_get_gradients(kept):
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 5, 8, requires_grad=True) for _ in range(4)]
+    pairs = diversity_pairs(4)
+    out = diversity_loss(feats, pairs, terms=kept)
+    parts = {"orth": out.orthogonality, "mi": out.mutual_information, "disp": out.dispersion}
+    torch.testing.assert_close(out.total, sum(parts[k] for k in kept) / 3)  # λ = 1/3 each, the others 0
+    total_grads = torch.autograd.grad(out.total, feats, retain_graph=True)
+    kept_grads = [torch.autograd.grad(parts[k], feats, retain_graph=True) for k in kept]
+    for i, g in enumerate(total_grads):  # only the kept terms send gradients, each with its 1/3
+        torch.testing.assert_close(g, sum(grads[i] for grads in kept_grads) / 3)
+    with pytest.raises(ValueError, match="choose one or more of orth, mi, disp"):
+        diversity_loss(feats, pairs, terms=())
+
+
 # ---------------------------------------------------------------- pair sets
 
 
@@ -258,6 +283,20 @@ def row(i, first, last):
 ])
 def test_pair_sets_reproduce_the_release(depth, encoder_depth, expected_12, expected_deep):
     assert diversity_pairs(depth, encoder_depth) == (expected_12 if depth == 12 else expected_deep)
+
+
+@pytest.mark.parametrize("layers, expected", [(5, row(0, 1, 5)), (10, row(0, 1, 10)), (15, row(0, 1, 15)),
+                                               (20, row(0, 1, 20))])
+def test_table_a7_layer_counts_replace_ten_in_the_release_rule(layers, expected):
+    assert diversity_pairs(24, layers=layers) == expected  # SiT-L, no REPA: block 0 against blocks 1…K
+    assert diversity_pairs(24, 8, layers=10) == diversity_pairs(24, 8)  # K = 10 is today's set
+    with pytest.raises(ValueError, match="starts at block"):
+        diversity_pairs(24, 8, layers=5)  # with REPA at block 8 the rule would start at block 5 − 8 − 1
+
+
+def test_all_layers_take_every_pair():
+    every = diversity_pairs(24, layers=None)
+    assert len(every) == 24 * 23 // 2 and every == sorted(set(every)) and all(i < j for i, j in every)
 
 
 def test_pair_sets_for_small_models_and_refusals():

@@ -8,6 +8,7 @@ import losses
 import sample
 import train
 from models import build_model
+from losses import meanflow_guided_velocity
 from sample import meanflow_sampler
 
 
@@ -81,15 +82,15 @@ def test_only_meanflow_models_take_r():
 
 def test_guidance_in_training_follows_the_official_formula():
     model = meanflow_model()
-    args = argparse.Namespace(mf_omega=1.0, mf_kappa=0.5, mf_t_start=0.0, mf_t_end=0.7)
     z, v = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
     t, y = torch.tensor([0.5, 0.9, 0.5]), torch.tensor([1, 2, 5])  # the third label is the null class (dropped)
-    guided = train.meanflow_velocity(model, z, t, y, v, args)
+    u_fn = lambda z, t, y: model(z, t, y, r=t, drop_labels=False)  # noqa: E731
+    guided = meanflow_guided_velocity(u_fn, z, t, y, v, 5, omega=1.0, kappa=0.5, interval=(0.0, 0.7))
     u_cond = model(z, t, y, r=t, drop_labels=False)
     u_null = model(z, t, torch.full_like(y, 5), r=t, drop_labels=False)
     torch.testing.assert_close(guided[0], (v + 0.5 * u_cond - 0.5 * u_null)[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(guided[1], v[1]) and torch.equal(guided[2], v[2])  # outside [0, 0.7]; dropped label
-    assert train.meanflow_velocity(model, z, t, y, v, argparse.Namespace(mf_omega=1.0, mf_kappa=0.0)) is v
+    assert meanflow_guided_velocity(u_fn, z, t, y, v, 5) is v
 
 
 @pytest.mark.parametrize("diverse", [[], ["--diverse"]])

@@ -284,6 +284,15 @@ def test_features_do_not_change_the_velocity_and_have_the_documented_shapes():
     assert feats.blocks[0].requires_grad  # not detached: the diversity loss trains through them
 
 
+def test_each_projector_reads_its_own_block_when_several_are_aligned():
+    model = randomize(SiT(**TINY, z_dims=[16, 16, 24], encoder_depth=[1, 4, 2]))  # the paper's A2: [2, 5, 8], …
+    _, feats = model(*inputs(), return_features=True)
+    for projector, block, z in zip(model.projectors, [0, 3, 1], feats.repa):
+        torch.testing.assert_close(z, projector(feats.blocks[block]))
+    with pytest.raises(ValueError, match="one per projector; got \\[1, 2\\] for 3 projectors"):
+        SiT(**TINY, z_dims=[16, 16, 24], encoder_depth=[1, 2])
+
+
 def test_bf16_autocast_forward_and_float32_diversity_loss():
     model = randomize(SiT(**TINY, long_residual=True, z_dims=[16], encoder_depth=2))
     x, t, y = inputs()

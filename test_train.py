@@ -13,9 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import runtime
 import train
 from runtime import UserError
-from train import DINOv2Target, InfiniteSampler, parse_args, resample_pos_embed
+from data import InfiniteSampler
+from train import parse_args
 
 TINY_RUN = ["--model", "SiT-Tiny/4", "--data-path", "builtin:shapes", "--builtin-image-size", "16",
             "--global-batch-size", "8", "--num-workers", "0", "--log-every", "2", "--sample-every", "0"]
@@ -38,10 +40,15 @@ class StandInEncoder(nn.Module):
 
 @pytest.fixture
 def stand_in_encoder(monkeypatch):
-    torch.manual_seed(123)
-    encoder = StandInEncoder().requires_grad_(False)
-    monkeypatch.setattr(train, "load_dinov2", lambda image_size, num_tokens: encoder)
-    return encoder
+    """encoders.load_encoders with a StandInEncoder for each encoder name, the same one for a repeated name."""
+    def load_encoders(names, image_size, num_tokens, weights_dir):
+        for name in names:
+            torch.manual_seed(sum(map(ord, name)))
+            loaded.setdefault(name, StandInEncoder().requires_grad_(False))
+        return [loaded[name] for name in names]
+    loaded = {}
+    monkeypatch.setattr(train, "load_encoders", load_encoders)
+    return loaded
 
 
 def run(tmp_path, *flags):
@@ -81,6 +88,38 @@ def test_resume_gives_bit_identical_model_ema_and_optimizer(tmp_path, stand_in_e
     assert all(m["repa"] != 0 and m["sra"] != 0 and m["disploss"] != 0 and m["div"] != 0 for m in metrics)
 
 
+@pytest.mark.parametrize("switches", [
+    ["--diverse", "--diversity-terms", "mi", "--diversity-layers", "all", "--constant-weight", "--repa",
+     "--enc-type", "dinov2-vit-b,mae-vit-b", "--encoder-depth", "2,4"],
+    ["--diverse", "--diversity-terms", "orth,disp", "--diversity-layers", "3", "--adaptive-range", "0.2", "0.7",
+     "--repa", "--enc-type", "mocov3-vit-b", "--encoder-depth", "1,3,5"],
+])
+def test_the_ablation_switches_train_and_resume_exactly(tmp_path, stand_in_encoder, switches):
+    straight = run(tmp_path / "a", *switches, "--max-steps", "4", "--save-every", "2")
+    half = run(tmp_path / "b", *switches, "--max-steps", "2", "--save-every", "2")
+    train.main(parse_args(["--resume", str(half), "--max-steps", "4"]))  # the switches come from the checkpoint
+    a, b = load(straight / "checkpoints" / "0000004.pt"), load(half / "checkpoints" / "0000004.pt")
+    assert_same_state(a, b)
+    projectors = {key.split(".")[1] for key in a["model"] if key.startswith("projectors.")}
+    assert len(a["args"]["enc_type"]) == len(a["args"]["encoder_depth"]) == len(projectors)
+    metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["repa"] != 0 and m["div"] != 0 for m in metrics)
+    if "--constant-weight" in switches:
+        assert all(m["w"] == 1 for m in metrics)
+
+
+def test_bad_ablation_settings_are_refused_before_any_work(tmp_path):
+    for flags, message in [(["--diverse", "--diversity-terms", ""], "choose one or more of orth,mi,disp"),
+                           (["--diverse", "--diversity-terms", "orth,entropy"], "choose one or more of"),
+                           (["--repa", "--encoder-depth", "2,9"], "--encoder-depth 9 is not a block of SiT-Tiny/4"),
+                           (["--repa", "--enc-type", "dinov2-vit-b,mae-vit-b,mocov3-vit-b", "--encoder-depth", "1,2"],
+                            "names 3 encoders and"),
+                           (["--repa", "--enc-type", "dino", "--encoder-depth", "2"], "unknown encoder 'dino'")]:
+        with pytest.raises(UserError, match=message):
+            run(tmp_path, *flags)
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_a_resume_across_an_epoch_boundary_sees_the_same_data(tmp_path):
     # 40 images, batch 8: 5 batches per epoch; stop after 4, resume, cross into epoch 2
     flags = ["--builtin-num-images", "40", "--max-steps", "8", "--save-every", "4"]
@@ -102,25 +141,30 @@ def test_resume_needs_only_the_run_directory_and_refuses_changed_settings(tmp_pa
         parse_args(["--resume", str(first / "checkpoints" / "0000002.pt")])
 
 
-def test_a_checkpoint_saved_before_the_disploss_rename_resumes(tmp_path):
+def test_a_checkpoint_saved_by_older_code_resumes(tmp_path, stand_in_encoder):
+    """Before the DispLoss rename, the ablation switches and several REPA alignments (an int encoder depth)."""
     first = run(tmp_path, "--disploss", "--disploss-coeff", "0.5", "--disploss-tau", "2", "--disploss-block", "3",
-                "--max-steps", "2", "--save-every", "2")
+                "--repa", "--encoder-depth", "3", "--max-steps", "2", "--save-every", "2")
     path = first / "checkpoints" / "0000002.pt"
     ckpt = load(path)
     old_names = {"disploss": "disp", "disploss_coeff": "disp_coeff", "disploss_tau": "disp_tau",
                  "disploss_block": "disp_block"}
-    ckpt["args"] = {old_names.get(key, key): value for key, value in ckpt["args"].items()}
+    ckpt["args"] = {old_names.get(key, key): value for key, value in ckpt["args"].items()
+                    if key not in ("enc_type", "diversity_terms", "diversity_layers", "adaptive_range",
+                                   "constant_weight", "encoder_dir")}
+    ckpt["args"]["encoder_depth"] = 3
     torch.save(ckpt, path)
     args = parse_args(["--resume", str(first), "--max-steps", "4"])
     assert (args.disploss, args.disploss_coeff, args.disploss_tau, args.disploss_block) == (True, 0.5, 2.0, 3)
     train.main(args)
-    assert load(first / "checkpoints" / "0000004.pt")["args"]["disploss_block"] == 3
+    saved = load(first / "checkpoints" / "0000004.pt")["args"]
+    assert saved["disploss_block"] == 3 and saved["encoder_depth"] == [3] and saved["enc_type"] == ["dinov2-vit-b"]
 
 
 def test_metrics_lines_after_the_checkpoint_and_a_cut_line_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"ste')
-    train.truncate_metrics(path, 4)
+    runtime.truncate_metrics(path, 4)
     assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
 
 
@@ -172,7 +216,7 @@ def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a prepared dataset"):
         run(tmp_path, "--data-path", str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
-        train.local_batch_size(256, 3)
+        runtime.local_batch_size(256, 3)
     with pytest.raises(ValueError, match="give --encoder-depth"):
         run(tmp_path, "--repa")
     with pytest.raises(ValueError, match="--disploss-block 9 is not a block of SiT-Tiny/4"):
@@ -222,7 +266,7 @@ def test_a_damaged_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_on
     (folder / "0000002.pt").write_bytes(b"")
     (folder / "0000004.pt").write_bytes(b"")
     with pytest.raises(UserError, match=f"none of the checkpoints in {folder} loads"):
-        train.load_checkpoint(str(first), tmp_path, repair=True)
+        runtime.load_checkpoint(str(first), tmp_path, repair=True)
     assert sorted(p.name for p in folder.iterdir()) == ["0000002.pt.damaged", "0000004.pt.damaged"]
 
 
@@ -231,13 +275,13 @@ def test_a_run_may_be_named_by_its_number(tmp_path):
     (tmp_path / "003-SiT-B-2-diverse" / "checkpoints").mkdir(parents=True)
     (tmp_path / "003-SiT-B-2-diverse" / "checkpoints" / "0000002.pt").touch()
     run_dir = tmp_path / "003-SiT-B-2-diverse"
-    assert train.checkpoints_to_try("3", tmp_path) == ([run_dir / "checkpoints" / "0000002.pt"], run_dir)
-    assert train.checkpoints_to_try(str(tmp_path / "003"), "results")[1] == run_dir
+    assert runtime.checkpoints_to_try("3", tmp_path) == ([run_dir / "checkpoints" / "0000002.pt"], run_dir)
+    assert runtime.checkpoints_to_try(str(tmp_path / "003"), "results")[1] == run_dir
     with pytest.raises(UserError, match="0 runs numbered 007 in"):
-        train.checkpoints_to_try("7", tmp_path)
+        runtime.checkpoints_to_try("7", tmp_path)
     (tmp_path / "003-SiT-B-2-sit").mkdir()
     with pytest.raises(UserError, match="2 runs numbered 003 in .*, 003-SiT-B-2-diverse, 003-SiT-B-2-sit"):
-        train.checkpoints_to_try("003", tmp_path)
+        runtime.checkpoints_to_try("003", tmp_path)
 
 
 def test_a_run_killed_before_its_first_checkpoint_loses_its_temporary_on_resume(tmp_path):
@@ -245,15 +289,15 @@ def test_a_run_killed_before_its_first_checkpoint_loses_its_temporary_on_resume(
     folder.mkdir(parents=True)
     (folder / ".0000010.pt.tmp").write_bytes(b"a write cut short")
     with pytest.raises(UserError, match="no checkpoints in .*; removed .0000010.pt.tmp, the temporary of a write"):
-        train.checkpoints_to_try("0", tmp_path)
+        runtime.checkpoints_to_try("0", tmp_path)
     assert list(folder.iterdir()) == []
 
 
 def test_a_full_disk_names_the_checkpoint_kept_and_leaves_no_temporary(small_disk):
-    train.save_atomically({"w": torch.zeros(10)}, small_disk / "0000002.pt")
+    runtime.save_checkpoint_file({"w": torch.zeros(10)}, small_disk / "0000002.pt")
     with pytest.raises(UserError, match=f"^no space left while writing {small_disk / '0000004.pt'}; the last "
                                         f"checkpoint \\({small_disk / '0000002.pt'}\\) is intact$"):
-        train.save_atomically({"w": torch.zeros(1_000_000)}, small_disk / "0000004.pt")
+        runtime.save_checkpoint_file({"w": torch.zeros(1_000_000)}, small_disk / "0000004.pt")
     assert [p.name for p in small_disk.iterdir()] == ["0000002.pt"]
 
 
@@ -278,8 +322,6 @@ def test_repa_needs_images_and_real_runs_need_dinov2_sized_images(tmp_path):
     with pytest.raises(ValueError, match="256 or 512 px"):
         run(tmp_path, "--repa", "--encoder-depth", "2")  # the real loader: 16-px shapes are refused
     assert list(tmp_path.iterdir()) == []  # before the run folder is made
-    with pytest.raises(ValueError, match="model has 64 tokens and DINOv2 256"):
-        train.load_dinov2(256, 64)  # SiT-*/4 at 256 px: refused before anything is downloaded
     with pytest.raises(ValueError, match="fewer than one global batch"):
         run(tmp_path, "--builtin-num-images", "4")
     (tmp_path / "prepared").mkdir()
@@ -289,33 +331,6 @@ def test_repa_needs_images_and_real_runs_need_dinov2_sized_images(tmp_path):
     np.save(tmp_path / "prepared" / "status.npy", np.ones(1, dtype=np.uint8))
     with pytest.raises(ValueError, match="--no-images"):
         run(tmp_path, "--repa", "--encoder-depth", "2", "--data-path", str(tmp_path / "prepared"))
-
-
-def test_dinov2_target_preprocesses_as_repa():
-    class FakeDINOv2(nn.Module):
-        embed_dim = 768
-
-        def forward_features(self, x):
-            self.seen = x
-            return {"x_norm_patchtokens": x.mean(dim=1).flatten(1)[:, :, None]}
-
-    fake = FakeDINOv2()
-    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
-    DINOv2Target(fake, 256)(images)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    expected = F.interpolate((images / 255 - mean) / std, size=224, mode="bicubic")
-    torch.testing.assert_close(fake.seen, expected)
-    assert DINOv2Target(fake, 512).input_size == 448
-
-
-def test_resample_pos_embed_keeps_the_class_slot_and_constant_fields():
-    pos = torch.randn(1, 1 + 37 * 37, 8)
-    pos[:, 1:] = torch.linspace(-1, 1, 8)  # every patch position the same vector
-    out = resample_pos_embed(pos, 16)
-    assert out.shape == (1, 1 + 16 * 16, 8)
-    torch.testing.assert_close(out[:, 0], pos[:, 0])
-    torch.testing.assert_close(out[:, 1:], pos[:, 1:2].expand(1, 256, 8))
 
 
 def test_the_sampler_deals_disjoint_batches_and_starts_after_what_was_trained():

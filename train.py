@@ -13,13 +13,8 @@ every --sample-every steps, samples/NNNNNNN.png (an EMA grid). `--resume RUN_DIR
 """
 import argparse
 import copy
-import errno
 import functools
-import json
-import logging
 import math
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +25,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def comma_list(kind):
+    return lambda text: [kind(item) for item in text.split(",")]
+
+
+def layer_count(text):
+    return None if text == "all" else int(text)
 
 
 def build_parser():
@@ -43,13 +46,25 @@ def build_parser():
     p.add_argument("--results-dir", default="results", help="where the numbered run folders go")
     p.add_argument("--resume", default=None, help="a run folder (its newest checkpoint that loads), its number alone "
                                                   "(3, or results/003), or one of its checkpoints")
-    # Method switches
+    # Method switches (the defaults of L_div's settings are losses.py's DIVERSITY_TERMS, DIVERSITY_LAYERS and
+    # ADAPTIVE_WEIGHT_RANGE, written out here so that --help needs no torch)
     p.add_argument("--diverse", action="store_true", help="DiverseDiT: --long-residual and --diversity-loss")
     p.add_argument("--long-residual", action="store_true", help="long residual connections (paper Sec. 3.1)")
     p.add_argument("--diversity-loss", action="store_true", help="L_div with its adaptive weight (paper Sec. 3.2)")
-    p.add_argument("--repa", action="store_true", help="REPA: align a block to DINOv2-B/14 patch tokens")
-    p.add_argument("--encoder-depth", type=int, default=None, help="REPA's aligned block (default: the paper's "
-                                                                    "Table A1, 5 for B, 8 for L and XL)")
+    p.add_argument("--diversity-terms", type=comma_list(str), default=["orth", "mi", "disp"],
+                   help="L_div's terms, comma-separated (Tables 7, A8, A9 keep one)")
+    p.add_argument("--diversity-layers", type=layer_count, default=10,
+                   help="K of L_div's block-pair rule, or 'all' (Table A7)")
+    p.add_argument("--adaptive-range", type=float, nargs=2, default=[0.1, 0.5], metavar=("LO", "HI"),
+                   help="where w ramps from 0 to 1 (Table 8)")
+    p.add_argument("--constant-weight", action="store_true", help="w = 1 (Table 8, where it diverges)")
+    p.add_argument("--repa", action="store_true", help="REPA: align blocks to a frozen encoder's patch tokens")
+    p.add_argument("--enc-type", type=comma_list(str), default=["dinov2-vit-b"],
+                   help="REPA's encoders, comma-separated (encoders.ENCODERS; REPA, the paper: DINOv2-B)")
+    p.add_argument("--encoder-depth", type=comma_list(int), default=None,
+                   help="REPA's aligned blocks, comma-separated, one per encoder, one for all encoders, or one encoder "
+                        "at each (default: the paper's Table A1, 5 for B, 8 for L and XL)")
+    p.add_argument("--encoder-dir", default="ckpts", help="the folder of MAE's and MoCo v3's published weight files")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA's λ (REPA, the paper)")
     p.add_argument("--projector-dim", type=int, default=2048, help="REPA projector's hidden width (REPA)")
     p.add_argument("--disploss", action="store_true", help="DispLoss (Wang & He), PyTorch release settings")
@@ -103,23 +118,21 @@ def build_parser():
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import BUILTIN_DATA, open_dataset
-from losses import (adaptive_weight, disploss, diversity_loss, diversity_pairs, flow_matching_loss, interpolate,
-                    meanflow_loss, meanflow_target, repa_loss, sample_meanflow_times, sample_time, sra_loss,
-                    sra_teacher_time)
+from data import BUILTIN_DATA, InfiniteSampler, open_dataset
+from encoders import check_names as check_encoder_names, load_encoders
+from losses import (ADAPTIVE_WEIGHT_RANGE, DIVERSITY_TERMS, adaptive_weight, disploss, diversity_loss, diversity_pairs,
+                    flow_matching_loss, interpolate, meanflow_guided_velocity, meanflow_loss, meanflow_target,
+                    repa_loss, sample_meanflow_times, sample_time, sra_loss, sra_teacher_time)
 from models import SIT_SIZES, SiT_models, build_model
-from runtime import UserError, barrier, close_distributed, git_commit, init_distributed, replace_atomically, run
-from sample import GRID_CLASSES, generate, save_grid
+from runtime import (UserError, all_gather, check_finite, check_resumable, close_distributed, create_logger,
+                     git_commit, init_distributed, load_checkpoint, local_batch_size, log_metrics, new_run_dir, run,
+                     save_checkpoint, saved_args, truncate_metrics)
+from sample import generate, grid_labels, save_grid
 from vae import load_vae, sample_latents
 
 # REPA alignment depth: the paper's Table A1 (5 for B, 8 for L and XL). Other sizes need --encoder-depth.
@@ -127,98 +140,26 @@ ENCODER_DEPTH = {"B": 5, "L": 8, "XL": 8}
 # SRA (student block, teacher block), 1-indexed: SRA's code defaults (depth 12, the B model of the paper's
 # Table 9) and its README's SiT-XL/2 setting. Other sizes need --sra-student-block and --sra-teacher-block.
 SRA_BLOCKS = {"B": (4, 8), "XL": (8, 20)}
-DINOV2 = ("facebookresearch/dinov2", "dinov2_vitb14")  # REPA's DINOv2-B/14 through torch.hub
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# The run settings a resumed run must share with its checkpoint (other flags, e.g. --max-steps, may change).
-RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "num_samples", "global_batch_size",
-                     "global_seed", "long_residual", "diversity_loss", "repa", "encoder_depth", "projector_dim",
-                     "disploss", "disploss_block", "sra", "sra_student_block", "sra_teacher_block", "path_type",
-                     "weighting", "learn_sigma", "class_dropout_prob", "ckpt_every", "meanflow", "mf_omega",
-                     "mf_kappa", "mf_t_start", "mf_t_end")
-RENAMED = {"disp": "disploss", "disp_coeff": "disploss_coeff", "disp_tau": "disploss_tau",
-           "disp_block": "disploss_block"}  # in the args of checkpoints saved before DispLoss's flags were renamed
 TERMS = ("fm", "mf_mse", "repa", "div", "div_orth", "div_mi", "div_disp", "w", "disploss", "sra")  # training_losses
 LOGGED = ("loss", *TERMS, "grad_norm")  # every --log-every steps, averaged over steps and processes
 
 
-#################################################################################
-#                              REPA's target encoder                            #
-#################################################################################
-
-def resample_pos_embed(pos_embed, grid):
-    """A ViT position embedding (1, 1 + G², D) with a class slot resampled to (1, 1 + grid², D): bicubic with
-    antialiasing on the G×G grid, class slot kept (REPA resamples DINOv2's this way, with timm)."""
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    old = math.isqrt(patches.shape[1])
-    patches = patches.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)           # (1, D, G, G)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)  # (1, grid², D)
-    return torch.cat([cls, patches], dim=1)
-
-
-class DINOv2Target(nn.Module):
-    """REPA's alignment target: a frozen encoder's patch tokens of the clean image, (N, T, Z).
-
-    uint8 images (N, 3, S, S) → /255 → ImageNet mean/std → bicubic resize to 224·(S/256) → the encoder's
-    `forward_features(x)["x_norm_patchtokens"]`. The encoder is frozen and in eval mode; call under no_grad.
-    """
-
-    def __init__(self, encoder, image_size):
-        super().__init__()
-        self.encoder = encoder.eval().requires_grad_(False)
-        self.embed_dim, self.input_size = encoder.embed_dim, 224 * (image_size // 256)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, images):
-        x = (images.float() / 255 - self.mean) / self.std
-        x = F.interpolate(x, size=self.input_size, mode="bicubic")
-        return self.encoder.forward_features(x)["x_norm_patchtokens"]
-
-
-def load_dinov2(image_size, num_tokens):
-    """DINOv2-B/14 from torch.hub, its position embedding resampled to the (S/256·16)² patch grid (REPA), which
-    REPA aligns index to index with the model's `num_tokens` tokens. Rank 0 loads first (filling the hub cache)."""
-    if image_size % 256:
-        raise UserError(f"REPA's DINOv2 target needs images of 256 or 512 px (224·S/256 pixels, 16·S/256 patches "
-                        f"per side), got {image_size}")
-    grid = 16 * (image_size // 256)
-    if num_tokens != grid * grid:
-        raise UserError(f"REPA aligns token i with DINOv2 patch i, but the model has {num_tokens} tokens and "
-                        f"DINOv2 {grid * grid} at {image_size} px: use patch size 2")
-    try:
-        if dist.is_initialized() and dist.get_rank() != 0:
-            barrier()  # rank 0 fills the cache first
-        encoder = torch.hub.load(*DINOV2, trust_repo=True)
-    except Exception as e:  # no network, no cached copy, GitHub rate limits…
-        raise UserError(f"could not load {DINOV2[1]} through torch.hub ({e}). Run once where GitHub is reachable "
-                        f"to fill the hub cache ({torch.hub.get_dir()}), then train with the same TORCH_HOME."
-                        ) from None
-    finally:
-        if dist.is_initialized() and dist.get_rank() == 0:
-            barrier()
-    encoder.pos_embed.data = resample_pos_embed(encoder.pos_embed.data, grid)
-    encoder.head = nn.Identity()
-    return DINOv2Target(encoder, image_size)
-
-
-#################################################################################
-#                                   The loss terms                              #
-#################################################################################
+# ---------------------------------------------------------------- the loss terms
 
 def training_losses(model, x, y, images=None, *, path_type="linear", weighting="uniform", block_losses=None,
-                    encoder=None, teacher=None, sra_block=None, sra_t_max=0.2, sra_beta=0.05, meanflow=None,
+                    encoders=(), teacher=None, sra_block=None, sra_t_max=0.2, sra_beta=0.05, meanflow=None,
                     bf16=False):
     """Every loss term of one step (TERMS) as a float32 scalar, absent terms 0: one forward of `model` (maybe
     DDP-wrapped or compiled) that carries gradients, plus, without them, REPA's encoder, SRA's teacher, MeanFlow's JVP.
 
     x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8, REPA's encoder input.
     block_losses: the blocks' outputs → DiverseDiT's and DispLoss's terms (`losses_on_blocks`, bound to its settings);
-    encoder: REPA's target encoder; teacher: SRA's EMA teacher, aligned at its `sra_block` (1-indexed);
+    encoders: REPA's target encoder of each projector (an encoder may serve several blocks);
+    teacher: SRA's EMA teacher, aligned at its `sra_block` (1-indexed);
     meanflow: (the bare network, its guidance settings) for MeanFlow's objective instead of flow matching.
     """
     terms = dict.fromkeys(TERMS, x.new_zeros(()))
-    features = block_losses is not None or encoder is not None or teacher is not None
+    features = block_losses is not None or bool(encoders) or teacher is not None
     eps = torch.randn_like(x)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         if meanflow is None:  # flow matching (SiT, REPA): x_t = α_t·x + σ_t·ε, target v = α'_t·x + σ'_t·ε
@@ -227,10 +168,10 @@ def training_losses(model, x, y, images=None, *, path_type="linear", weighting="
             out = model(x_t, t, y, return_features=features)
             v_pred, feats = out if features else (out, None)
             terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
-            if encoder is not None:
-                with torch.no_grad():
-                    target = encoder(images)  # (N, T, Z)
-                terms["repa"] = repa_loss(feats.repa, [target]).mean()
+            if encoders:
+                with torch.no_grad():  # each encoder once, however many blocks it is aligned with
+                    tokens = {encoder: encoder(images) for encoder in dict.fromkeys(encoders)}  # (N, T, Z) each
+                terms["repa"] = repa_loss(feats.repa, [tokens[encoder] for encoder in encoders]).mean()
             if teacher is not None:
                 t_teacher = sra_teacher_time(t, sra_t_max)
                 with torch.no_grad():  # the EMA teacher, same data, noise and (dropped) labels, less noisy
@@ -246,16 +187,28 @@ def training_losses(model, x, y, images=None, *, path_type="linear", weighting="
     return terms
 
 
-def losses_on_blocks(blocks, pairs=(), disploss_block=None, disploss_tau=1.0):
+def losses_on_blocks(blocks, pairs=(), diversity_terms=DIVERSITY_TERMS, weight_range=ADAPTIVE_WEIGHT_RANGE,
+                     disploss_block=None, disploss_tau=1.0):
     """DiverseDiT's L_div over the block pairs (with its parts and its weight w) and DispLoss on one block."""
     terms = {}
     if pairs:
-        div = diversity_loss(blocks, pairs)
+        div = diversity_loss(blocks, pairs, diversity_terms)
         terms.update(div=div.total, div_orth=div.orthogonality, div_mi=div.mutual_information,
-                     div_disp=div.dispersion, w=adaptive_weight(div.total))
+                     div_disp=div.dispersion, w=adaptive_weight(div.total, weight_range))
     if disploss_block:
         terms["disploss"] = disploss(blocks[disploss_block - 1], disploss_tau)
     return terms
+
+
+def block_losses_for(args, depth):
+    """`losses_on_blocks` bound to the run's settings, or None when no term needs the blocks' outputs."""
+    pairs = (diversity_pairs(depth, args.encoder_depth and args.encoder_depth[0], args.diversity_layers)
+             if args.diversity_loss else ())  # with several aligned blocks, the release's rule takes the first
+    if not (pairs or args.disploss):
+        return None
+    return functools.partial(losses_on_blocks, pairs=pairs, diversity_terms=args.diversity_terms,
+                             weight_range=None if args.constant_weight else args.adaptive_range,
+                             disploss_block=args.disploss_block, disploss_tau=args.disploss_tau)
 
 
 def total_loss(terms, args):
@@ -267,9 +220,7 @@ def total_loss(terms, args):
             + args.disploss_coeff * terms["disploss"] + args.sra_coeff * terms["sra"])
 
 
-#################################################################################
-#                         MeanFlow (Geng et al. 2025)                           #
-#################################################################################
+# ---------------------------------------------------------------- MeanFlow (Geng et al. 2025)
 
 def meanflow_prediction(model, raw_model, guidance, x, eps, y, features):
     """(u_θ(z_t, r, t), u_tgt, features or None) for MeanFlow: the target from a JVP of the bare network without
@@ -277,7 +228,9 @@ def meanflow_prediction(model, raw_model, guidance, x, eps, y, features):
     t, r = sample_meanflow_times(len(x), device=x.device)
     z_t, v = interpolate(x, eps, t)
     y = raw_model.y_embedder.drop(y)  # once, so that the JVP and the forward see the same labels
-    v = meanflow_velocity(raw_model, z_t, t, y, v, guidance)
+    v = meanflow_guided_velocity(lambda z, t, y: raw_model(z, t, y, r=t, drop_labels=False), z_t, t, y, v,
+                                 raw_model.num_classes, guidance.mf_omega, guidance.mf_kappa,
+                                 (guidance.mf_t_start, guidance.mf_t_end))
     with torch.autocast(x.device.type, enabled=False):  # the JVP in float32
         _, u_target = meanflow_target(lambda z, r, t: raw_model(z, t, y, r=r, drop_labels=False), z_t, r, t, v)
     out = model(z_t, t, y, r=r, drop_labels=False, return_features=features)
@@ -285,47 +238,7 @@ def meanflow_prediction(model, raw_model, guidance, x, eps, y, features):
     return u_pred, u_target, feats
 
 
-def meanflow_velocity(raw_model, z_t, t, y, v, guidance):
-    """MeanFlow's guided target velocity (official code, guidance in training): inside [t_start, t_end] and for
-    samples that kept their label, ṽ = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅); elsewhere v.
-    guidance: train.py's args (mf_omega, mf_kappa, mf_t_start, mf_t_end)."""
-    if guidance.mf_omega == 1.0 and guidance.mf_kappa == 0.0:
-        return v
-    null = torch.full_like(y, raw_model.num_classes)
-    with torch.no_grad():  # one batched forward of the instantaneous velocity (r = t), conditional and not
-        u_cond, u_uncond = raw_model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null]),
-                                     r=torch.cat([t, t]), drop_labels=False).float().chunk(2)
-    omega, kappa = guidance.mf_omega, guidance.mf_kappa
-    guided = omega * v + kappa * u_cond + (1 - omega - kappa) * u_uncond
-    inside = (t >= guidance.mf_t_start) & (t <= guidance.mf_t_end) & (y != raw_model.num_classes)  # (N,)
-    return torch.where(inside[:, None, None, None], guided, v)
-
-
-#################################################################################
-#                  Data order, EMA, checkpoints, results folder                 #
-#################################################################################
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    """This rank's sample indices, endlessly, from global batch `start` on (as edm2's sampler takes a start index).
-
-    Epoch e shuffles all indices with a generator seeded with (seed + e), keeps a multiple of the global batch and
-    deals them out round-robin over the ranks. Started at the steps already trained, a resumed run sees exactly
-    the data an uninterrupted one would (each global batch is the same on any number of processes).
-    """
-
-    def __init__(self, num_samples, local_batch, rank, world_size, seed, start=0):
-        self.num_samples, self.local_batch, self.rank, self.world_size, self.seed, self.start = (
-            num_samples, local_batch, rank, world_size, seed, start)
-
-    def __iter__(self):
-        per_epoch = self.num_samples // (self.local_batch * self.world_size)  # global batches
-        epoch, batch = divmod(self.start, per_epoch)
-        while True:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
-            mine = order[:per_epoch * self.local_batch * self.world_size][self.rank::self.world_size]
-            yield from mine[batch * self.local_batch:].tolist()
-            epoch, batch = epoch + 1, 0
-
+# ---------------------------------------------------------------- EMA, resuming, run names, previews
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
@@ -333,157 +246,9 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)  # one fused pass
 
 
-def save_atomically(obj, path):
-    """torch.save through runtime.replace_atomically, flushed to disk: a run killed (or a machine that loses power)
-    at any moment leaves the old file intact. A full disk is one line that names the checkpoint still intact."""
-    try:
-        with replace_atomically(path) as tmp, open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise UserError(f"{e.strerror}; the last checkpoint ({last_checkpoint(path.parent)}) is intact") from None
-
-
-def checkpoint_steps(folder):
-    return sorted(int(p.stem) for p in folder.glob("*.pt") if p.stem.isdigit())
-
-
-def last_checkpoint(folder):
-    steps = checkpoint_steps(folder)
-    return folder / f"{steps[-1]:07d}.pt" if steps else "none"
-
-
-def prune_checkpoints(folder, keep_last, milestone_every):
-    """Keep the newest `keep_last` checkpoints and every milestone (a multiple of `milestone_every`)."""
-    for step in checkpoint_steps(folder)[:-keep_last]:
-        if step % milestone_every:
-            (folder / f"{step:07d}.pt").unlink()
-
-
-def checkpoints_to_try(resume, results_dir):
-    """--resume → (checkpoint paths, newest first; run directory). A run directory gives all of its checkpoints;
-    it may be named by its number alone: `--resume 3` (in --results-dir) or `--resume results/003`."""
-    path = Path(resume)
-    if not path.exists() and path.name.isdigit():
-        folder = Path(results_dir) if path.parent == Path(".") else path.parent
-        runs = sorted(folder.glob(f"{int(path.name):03d}-*"))
-        if len(runs) != 1:
-            raise UserError(f"--resume {resume}: {len(runs)} runs numbered {int(path.name):03d} in {folder}"
-                            + "".join(f", {r.name}" for r in runs))
-        path = runs[0]
-    if path.is_dir():
-        steps = checkpoint_steps(path / "checkpoints")
-        if not steps:  # nothing to resume; a write cut short may have left a large temporary: remove it
-            stale = sorted((path / "checkpoints").glob(".*.tmp"))
-            for tmp in stale:
-                tmp.unlink()
-            raise UserError(f"--resume {path}: no checkpoints in {path / 'checkpoints'} (it stopped before its first)"
-                            + "".join(f"; removed {tmp.name}, the temporary of a write cut short" for tmp in stale))
-        return [path / "checkpoints" / f"{s:07d}.pt" for s in reversed(steps)], path
-    if not path.is_file():
-        raise UserError(f"--resume {path} is neither a run directory nor a checkpoint file")
-    if path.parent.name != "checkpoints":
-        raise UserError(f"--resume {path}: a checkpoint is resumed inside its run (RUN_DIR/checkpoints/NNNNNNN.pt)")
-    newer = [s for s in checkpoint_steps(path.parent) if path.stem.isdigit() and s > int(path.stem)]
-    if newer:
-        raise UserError(f"--resume {path}: the run has newer checkpoints ({', '.join(f'{s:07d}' for s in newer)}); "
-                        f"resume from the newest, or move those away first")
-    return [path], path.parent.parent
-
-
-def load_checkpoint(resume, results_dir, repair=False):
-    """--resume → (checkpoint, its path, run directory, notes for the log). From a run directory, its newest
-    checkpoint that loads. With `repair` (rank 0 of the run), one that does not (cut short, damaged) is renamed to
-    NAME.damaged, kept for inspection but out of the way, and the temporaries of writes cut short are removed."""
-    paths, run_dir = checkpoints_to_try(resume, results_dir)
-    notes = []
-    for tmp in sorted((run_dir / "checkpoints").glob(".*.tmp")) if repair else []:
-        tmp.unlink()
-        notes.append(f"removed {tmp}, the temporary file of a checkpoint write cut short")
-    for path in paths:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # torch's messages for a cut or damaged file neither name it nor say so
-            if Path(resume).is_file():
-                raise UserError(f"--resume {path} does not load as a checkpoint (cut short or damaged)") from None
-            if repair:
-                path.rename(path.with_name(path.name + ".damaged"))
-                notes.append(f"{path} does not load (cut short or damaged): set aside as {path.name}.damaged")
-            continue
-        ckpt["args"] = {RENAMED.get(key, key): value for key, value in ckpt["args"].items()}
-        return ckpt, path, run_dir, notes
-    raise UserError(f"--resume {resume}: none of the checkpoints in {run_dir / 'checkpoints'} loads")
-
-
-def new_run_dir(results_dir, args, world_size, device):
-    """results/NNN-<model>-<switches>, NNN one more than the runs already there (DiT / SiT layout), with args.json:
-    the resolved flags, the code's commit and the library versions."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    switches = [name for name, on in [("meanflow", args.meanflow), ("repa", args.repa), ("longres", args.long_residual),
-                                      ("div", args.diversity_loss), ("disploss", args.disploss), ("sra", args.sra)]
-                if on]
-    if args.long_residual and args.diversity_loss:
-        switches = ["diverse" if s == "longres" else s for s in switches if s != "div"]
-    numbers = [int(m.group(1)) for p in results_dir.iterdir() if (m := re.match(r"(\d+)-", p.name))]
-    name = f"{max(numbers, default=-1) + 1:03d}-{args.model.replace('/', '-')}-{'-'.join(switches) or 'sit'}"
-    (results_dir / name / "checkpoints").mkdir(parents=True)
-    record = {**vars(args), "world_size": world_size, "device": str(device), "code": git_commit(),
-              "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                           "torchvision": torchvision.__version__, "numpy": np.__version__}}
-    (results_dir / name / "args.json").write_text(json.dumps(record, indent=1) + "\n")
-    return results_dir / name
-
-
-def truncate_metrics(path, step):
-    """Drop the lines an interrupted run logged after its last checkpoint (this run logs those steps again), and
-    a last line cut short by the interruption."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError):
-            continue
-    with replace_atomically(path) as tmp:
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-
-
-def create_logger(run_dir, rank):
-    """Rank 0 logs to stdout and run_dir/log.txt; the other ranks stay silent (DiT)."""
-    logger = logging.getLogger("train")
-    for handler in logger.handlers[:]:
-        handler.close()
-        logger.removeHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")) if rank == 0 else ():
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
-    return logger
-
-
-def all_gather(obj, world_size):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def check_resumable(saved, args):
-    changed = [f"{key}: {saved.get(key)!r} in the checkpoint, {getattr(args, key)!r} now" for key in RESUME_MUST_MATCH
-               if saved.get(key) != getattr(args, key)]
-    if changed:
-        raise UserError("cannot resume a run with other settings: " + "; ".join(changed))
-
-
 def save_preview(ema, vae, args, num_classes, path, logger):
-    """An EMA grid, 4 images for each of up to 8 classes (ImageNet: DiT's GRID_CLASSES)."""
-    classes = GRID_CLASSES if num_classes == 1000 else list(range(min(8, num_classes)))
-    labels = torch.tensor([c for c in classes for _ in range(4)])
+    """An EMA grid, 4 images for each of up to 8 classes (`sample.grid_labels`)."""
+    labels = grid_labels(num_classes)
     settings = (dict(sampler="meanflow", num_steps=1) if args.meanflow  # guidance is trained in
                 else dict(num_steps=50, cfg_scale=args.sample_cfg_scale))
     logger.info(f"sampling the EMA preview grid ({len(labels)} images, {settings['num_steps']} steps)")
@@ -494,40 +259,7 @@ def save_preview(ema, vae, args, num_classes, path, logger):
     logger.info(f"saved {path}")
 
 
-def check_finite(history, first_step, run_dir, world_size):
-    """The means of `history` (steps since `first_step` × LOGGED) over steps and processes; an error naming the
-    first step at which any process saw a non-finite value, and those values, before anything is saved."""
-    if len(history) == 0:  # checked already (a checkpoint right after a log line)
-        return None
-    bad = (~torch.isfinite(history)).to(torch.uint8)  # uint8: all-reducible
-    sums = history.sum(dim=0)
-    if world_size > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        dist.all_reduce(sums)
-    if bad.any():
-        i = bad.any(dim=1).nonzero()[0].item()
-        names = [name for name, b in zip(LOGGED, bad[i].tolist()) if b]
-        raise FloatingPointError(f"non-finite {', '.join(names)} at step {first_step + i + 1}; stopped before saving, "
-                                 f"the last checkpoint ({last_checkpoint(run_dir / 'checkpoints')}) is intact")
-    return sums / (len(history) * world_size)
-
-
-def save_checkpoint(path, model, ema, optimizer, args, step, rank, world_size, logger):
-    """Rank 0 saves (after checking the ranks' weights agree) and prunes; the others wait."""
-    weight_sums = all_gather(float(sum(p.detach().double().sum() for p in model.parameters())), world_size)
-    if len(set(weight_sums)) > 1:
-        raise RuntimeError(f"the ranks' weights differ at step {step} (sums {weight_sums})")
-    if rank == 0:
-        save_atomically({"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
-                         "args": vars(args), "steps": step}, path)
-        prune_checkpoints(path.parent, args.keep_last, args.ckpt_every)
-        logger.info(f"saved {path} (weights identical across {world_size} rank(s))")
-    barrier()
-
-
-#################################################################################
-#                                      Main                                     #
-#################################################################################
+# ---------------------------------------------------------------- main
 
 def resolve_args(args):
     """Fill in the per-size defaults and refuse bad combinations, before any heavy work."""
@@ -537,23 +269,31 @@ def resolve_args(args):
     depth = SIT_SIZES[size][0]
     args.long_residual = args.long_residual or args.diverse
     args.diversity_loss = args.diversity_loss or args.diverse
-    if args.repa and args.encoder_depth is None:
-        if size not in ENCODER_DEPTH:
+    if args.repa:  # one alignment (encoder, block) per projector; a list of one repeats its entry
+        check_encoder_names(args.enc_type)
+        if args.encoder_depth is None and size not in ENCODER_DEPTH:
             raise UserError(f"--repa on {args.model}: give --encoder-depth (the paper's Table A1 covers B, L, XL)")
-        args.encoder_depth = ENCODER_DEPTH[size]
-    args.encoder_depth = args.encoder_depth if args.repa else None
-    if args.sra:
-        student, teacher = SRA_BLOCKS.get(size, (None, None))
-        args.sra_student_block = args.sra_student_block or student
-        args.sra_teacher_block = args.sra_teacher_block or teacher
-        if None in (args.sra_student_block, args.sra_teacher_block):
-            raise UserError(f"--sra on {args.model}: give --sra-student-block and --sra-teacher-block "
-                            f"(defaults exist for {', '.join(SRA_BLOCKS)})")
+        depths = args.encoder_depth or [ENCODER_DEPTH[size]]
+        n = max(len(args.enc_type), len(depths))
+        if {len(args.enc_type), len(depths)} - {1, n}:
+            raise UserError(f"--enc-type names {len(args.enc_type)} encoders and --encoder-depth {len(depths)} blocks: "
+                            f"give one of either, or as many of each")
+        args.enc_type, args.encoder_depth = args.enc_type * (n // len(args.enc_type)), depths * (n // len(depths))
     else:
-        args.sra_student_block = args.sra_teacher_block = None
+        args.enc_type = args.encoder_depth = None
+    if args.diversity_loss and (not args.diversity_terms or set(args.diversity_terms) - set(DIVERSITY_TERMS)):
+        raise UserError(f"--diversity-terms {','.join(args.diversity_terms)}: choose one or more of "
+                        f"{','.join(DIVERSITY_TERMS)}")
+    student, teacher = SRA_BLOCKS.get(size, (None, None))
+    args.sra_student_block = (args.sra_student_block or student) if args.sra else None
+    args.sra_teacher_block = (args.sra_teacher_block or teacher) if args.sra else None
+    if args.sra and None in (args.sra_student_block, args.sra_teacher_block):
+        raise UserError(f"--sra on {args.model}: give --sra-student-block and --sra-teacher-block (defaults exist "
+                        f"for {', '.join(SRA_BLOCKS)})")
     args.disploss_block = (args.disploss_block or depth) if args.disploss else None
     for flag, block in [("--disploss-block", args.disploss_block), ("--sra-student-block", args.sra_student_block),
-                        ("--sra-teacher-block", args.sra_teacher_block), ("--encoder-depth", args.encoder_depth)]:
+                        ("--sra-teacher-block", args.sra_teacher_block),
+                        *(("--encoder-depth", block) for block in args.encoder_depth or ())]:
         if block is not None and not 1 <= block <= depth:
             raise UserError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
     if args.meanflow and (args.repa or args.disploss or args.sra or args.learn_sigma or args.path_type != "linear"):
@@ -573,12 +313,6 @@ def resolve_args(args):
     return args
 
 
-def local_batch_size(global_batch_size, world_size):
-    if global_batch_size % world_size:
-        raise UserError(f"--global-batch-size {global_batch_size} is not divisible by {world_size} processes")
-    return global_batch_size // world_size
-
-
 def main(args):
     args = resolve_args(args)
     rank, world_size, device = init_distributed()
@@ -594,14 +328,15 @@ def main(args):
     ckpt, notes = None, []
     if args.resume:  # found first, so that a mismatch is refused before anything heavy is built
         ckpt, ckpt_path, run_dir, notes = load_checkpoint(args.resume, args.results_dir, repair=rank == 0)
-        check_resumable(ckpt["args"], args)
+        check_resumable(saved_args(ckpt), args)
     # Rank 0's own work (the VAE for previews) comes before the first collective, so that its errors end the run
     # instead of leaving the other ranks waiting.
     vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
     C, H, _ = dataset.input_shape
-    encoder = load_dinov2(args.image_size, (H // int(args.model.rsplit("/")[1])) ** 2).to(device) if args.repa else None
+    num_tokens = (H // int(args.model.rsplit("/")[1])) ** 2
+    encoders = [e.to(device) for e in load_encoders(args.enc_type or [], args.image_size, num_tokens, args.encoder_dir)]
     if not args.resume:  # only now, after every check: a refused run leaves no folder behind
-        run_dir = new_run_dir(Path(args.results_dir), args, world_size, device) if rank == 0 else None
+        run_dir = new_run_dir(args, world_size, device) if rank == 0 else None
         run_dir = Path(all_gather(str(run_dir), world_size)[0])
     logger = create_logger(run_dir, rank)
     logger.info(f"code {git_commit()}, torch {torch.__version__}" + (f"; resuming {ckpt_path}" if ckpt else ""))
@@ -616,7 +351,7 @@ def main(args):
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank
     model = build_model(args.model, input_size=H, in_channels=C, num_classes=dataset.num_classes,
                         class_dropout_prob=args.class_dropout_prob, learn_sigma=args.learn_sigma,
-                        long_residual=args.long_residual, z_dims=[encoder.embed_dim] if args.repa else [],
+                        long_residual=args.long_residual, z_dims=[e.embed_dim for e in encoders],
                         encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                         sra_depth=args.sra_student_block, meanflow=args.meanflow).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -634,15 +369,12 @@ def main(args):
         del ckpt
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     compiled = torch.compile if args.compile else (lambda f: f)
-    pairs = diversity_pairs(model.depth, args.encoder_depth) if args.diversity_loss else ()
-    on_blocks = functools.partial(losses_on_blocks, pairs=pairs, disploss_block=args.disploss_block,
-                                  disploss_tau=args.disploss_tau)
     # The loss terms' settings. L_div stays eager: compiled whole, inductor's backward failed on an H200 with
     # torch 2.11 at SiT-B's width (each of its three terms compiled alone ran), although it would cost less.
     settings = dict(
         path_type=args.path_type, weighting=args.weighting, bf16=args.precision == "bf16",
-        block_losses=on_blocks if pairs or args.disploss else None,
-        encoder=encoder, teacher=compiled(ema) if args.sra else None, sra_block=args.sra_teacher_block,
+        block_losses=block_losses_for(args, model.depth),
+        encoders=encoders, teacher=compiled(ema) if args.sra else None, sra_block=args.sra_teacher_block,
         sra_t_max=args.sra_t_max, sra_beta=args.sra_beta, meanflow=(model, args) if args.meanflow else None)
     sampler = InfiniteSampler(len(dataset), local_batch, rank, world_size, args.global_seed, start=step)
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
@@ -679,18 +411,14 @@ def main(args):
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            means = check_finite(history[:step - logged_step], logged_step, run_dir, world_size).tolist()
+            means = check_finite(history[:step - logged_step], LOGGED, logged_step, run_dir, world_size).tolist()
             speed = (step - logged_step) / max(time.time() - start_time, 1e-9)
-            record = {"step": step, **dict(zip(LOGGED, means)), "steps_per_sec": speed,
-                      "img_per_sec": speed * args.global_batch_size}
             if rank == 0:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_sec']:.1f}")
-                logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                log_metrics({"step": step, **dict(zip(LOGGED, means)), "steps_per_sec": speed,
+                             "img_per_sec": speed * args.global_batch_size}, run_dir, logger, progress)
             logged_step, start_time = step, time.time()
         if step % args.save_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
-            check_finite(history[:step - logged_step], logged_step, run_dir, world_size)
+            check_finite(history[:step - logged_step], LOGGED, logged_step, run_dir, world_size)
             save_checkpoint(run_dir / "checkpoints" / f"{step:07d}.pt", model, ema, optimizer, args, step, rank,
                             world_size, logger)
         if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
@@ -707,7 +435,7 @@ def parse_args(argv=None):
     p = build_parser()
     known, _ = p.parse_known_args(argv)
     if known.resume:  # the run's own settings become the defaults; flags given now still override them
-        saved = load_checkpoint(known.resume, known.results_dir)[0]["args"]  # main sets damaged ones aside
+        saved = saved_args(load_checkpoint(known.resume, known.results_dir)[0])  # main sets damaged ones aside
         p.set_defaults(**{k: v for k, v in saved.items() if k in vars(known) and k not in ("resume", "results_dir")})
     return p.parse_args(argv)
 

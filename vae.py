@@ -1,21 +1,19 @@
-"""The Stable Diffusion VAE that SiT, REPA and DiverseDiT train in, self-contained.
-
-This is the AutoencoderKL of `stabilityai/sd-vae-ft-ema` and `stabilityai/sd-vae-ft-mse` (one encoder; the two
-differ only in their fine-tuned decoders), written with the module names of diffusers' AutoencoderKL so that
-the public `diffusion_pytorch_model.safetensors` / `.bin` files load with strict key checking:
+"""The Stable Diffusion VAE that SiT, REPA and DiverseDiT train in, self-contained: the AutoencoderKL of
+`stabilityai/sd-vae-ft-ema` and `stabilityai/sd-vae-ft-mse` (one encoder; the two differ only in their fine-tuned
+decoders), with the module names of diffusers' AutoencoderKL so that the public
+`diffusion_pytorch_model.safetensors` / `.bin` files load with strict key checking:
 
     image (N, 3, H, W) in [-1, 1] --encoder--> quant_conv --> (mean, logvar) of (N, 4, H/8, W/8)
     latent (N, 4, H/8, W/8)       --post_quant_conv--> decoder --> image (N, 3, H, W)
 
     python vae.py --vae mse        # download the weights into torch's hub cache and check that they load
-
-Legend: N batch, C channels, H×W spatial size, T = H·W tokens.
 """
 import argparse
 import hashlib
 import json
 import math
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 
@@ -41,17 +39,8 @@ DOWNSAMPLING = 8        # latents have 1/8 of the image resolution
 BLOCK_CHANNELS = (128, 256, 512, 512)  # the SD-VAE's widths, from full resolution down
 LAYERS_PER_BLOCK = 2
 
-VAE_URLS = {name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model"
-                  ".safetensors" for name in ("ema", "mse")}  # the public weights, fetched on first use
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # looked for in a folder
-# Older uploads name the attention projections as diffusers' deprecated AttentionBlock did.
-OLD_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
-
-#################################################################################
-#                                    The network                                #
-#################################################################################
-
+# ---------------------------------------------------------------- the network
 def group_norm(channels):  # the SD-VAE's normalisation
     return nn.GroupNorm(32, channels, eps=1e-6)
 
@@ -68,8 +57,7 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
         # .contiguous(): the memory layout diffusers gives this convolution, hence its kernels and its exact bits
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x.contiguous())
         return skip + h
@@ -89,14 +77,12 @@ class Resample(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over all positions, with a residual connection."""
+    """Single-head self-attention over all T = H·W positions, with a residual connection."""
 
     def __init__(self, channels):
         super().__init__()
         self.group_norm = group_norm(channels)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # key `to_out.0`, as diffusers
 
     def forward(self, x):
@@ -117,78 +103,19 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([Attention(channels)])
 
     def forward(self, x):
-        x = self.resnets[0](x)
-        return self.resnets[1](self.attentions[0](x))
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-def resnet_stack(in_channels, out_channels, num_layers):
-    return nn.ModuleList(
-        [ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)])
-
-
-class Stage(nn.Module):
-    """One resolution of the encoder (DownBlock) or the decoder (UpBlock): its resnets, then its resampler if any."""
-
-    def forward(self, x):
-        for layers in self.children():  # resnets, then downsamplers / upsamplers
-            for layer in layers:
-                x = layer(x)
-        return x
-
-
-class DownBlock(Stage):
-    def __init__(self, in_channels, out_channels, downsample):
-        super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, LAYERS_PER_BLOCK)
-        self.downsamplers = nn.ModuleList([Resample(out_channels, down=True)] if downsample else [])
-
-
-class UpBlock(Stage):
-    def __init__(self, in_channels, out_channels, upsample):
-        super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, LAYERS_PER_BLOCK + 1)  # one more than the encoder's
-        self.upsamplers = nn.ModuleList([Resample(out_channels, down=False)] if upsample else [])
-
-
-class Encoder(nn.Module):
-    """(N, 3, H, W) image → (N, 2·LATENT_CHANNELS, H/8, W/8): the posterior's mean and log-variance."""
-
-    def __init__(self):
-        super().__init__()
-        widths = BLOCK_CHANNELS
-        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([DownBlock(widths[max(i - 1, 0)], widths[i], downsample=i < len(widths) - 1)
-                                          for i in range(len(widths))])
-        self.mid_block = MidBlock(widths[-1])
-        self.conv_norm_out = group_norm(widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], 2 * LATENT_CHANNELS, 3, padding=1)
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-
-class Decoder(nn.Module):
-    """(N, LATENT_CHANNELS, h, w) latent → (N, 3, 8h, 8w) image."""
-
-    def __init__(self):
-        super().__init__()
-        widths = BLOCK_CHANNELS[::-1]  # from the lowest resolution up
-        self.conv_in = nn.Conv2d(LATENT_CHANNELS, widths[0], 3, padding=1)
-        self.mid_block = MidBlock(widths[0])
-        self.up_blocks = nn.ModuleList([UpBlock(widths[max(i - 1, 0)], widths[i], upsample=i < len(widths) - 1)
-                                        for i in range(len(widths))])
-        self.conv_norm_out = group_norm(widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
-
-    def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+def stages(widths, num_layers, down):
+    """The encoder's down_blocks or the decoder's up_blocks: per width, `num_layers` resnets, then a resampler to
+    the next resolution (none after the last), under diffusers' keys `resnets` and `downsamplers` / `upsamplers`."""
+    blocks = []
+    for i, width in enumerate(widths):
+        resnets = [ResnetBlock(widths[max(i - 1, 0)] if j == 0 else width, width) for j in range(num_layers)]
+        resample = [Resample(width, down)] if i < len(widths) - 1 else []
+        block = {"resnets": nn.Sequential(*resnets), "downsamplers" if down else "upsamplers": nn.Sequential(*resample)}
+        blocks.append(nn.Sequential(OrderedDict(block)))
+    return nn.Sequential(*blocks)
 
 
 class AutoencoderKL(nn.Module):
@@ -196,38 +123,43 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.encoder = Encoder()
-        self.decoder = Decoder()
+        low, high = BLOCK_CHANNELS[-1], BLOCK_CHANNELS[0]  # the widths at the lowest and the full resolution
+        # (N, 3, H, W) image → (N, 2·LATENT_CHANNELS, H/8, W/8): the posterior's mean and log-variance
+        self.encoder = nn.Sequential(OrderedDict(
+            conv_in=nn.Conv2d(3, high, 3, padding=1), down_blocks=stages(BLOCK_CHANNELS, LAYERS_PER_BLOCK, down=True),
+            mid_block=MidBlock(low), conv_norm_out=group_norm(low), conv_act=nn.SiLU(),
+            conv_out=nn.Conv2d(low, 2 * LATENT_CHANNELS, 3, padding=1)))
+        # (N, LATENT_CHANNELS, h, w) latent → (N, 3, 8h, 8w) image, with one more resnet per stage than the encoder
+        self.decoder = nn.Sequential(OrderedDict(
+            conv_in=nn.Conv2d(LATENT_CHANNELS, low, 3, padding=1), mid_block=MidBlock(low),
+            up_blocks=stages(BLOCK_CHANNELS[::-1], LAYERS_PER_BLOCK + 1, down=False),
+            conv_norm_out=group_norm(high), conv_act=nn.SiLU(), conv_out=nn.Conv2d(high, 3, 3, padding=1)))
         self.quant_conv = nn.Conv2d(2 * LATENT_CHANNELS, 2 * LATENT_CHANNELS, 1)
         self.post_quant_conv = nn.Conv2d(LATENT_CHANNELS, LATENT_CHANNELS, 1)
 
     def encode(self, x):
         """Image in [-1, 1] → the diagonal Gaussian posterior's (mean, std), each (N, 4, H/8, W/8), unscaled."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        logvar = logvar.clamp(-30.0, 20.0)  # as LDM's DiagonalGaussianDistribution
-        return mean, torch.exp(0.5 * logvar)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # logvar clamped as LDM's DiagonalGaussianDistribution
 
     def decode(self, z):
         """Unscaled latent (N, 4, h, w) → image (N, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
 
 
-#################################################################################
-#                                     Weights                                   #
-#################################################################################
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+# ---------------------------------------------------------------- weights
+VAE_URLS = {name: f"https://huggingface.co/stabilityai/sd-vae-ft-{name}/resolve/main/diffusion_pytorch_model"
+                  ".safetensors" for name in ("ema", "mse")}  # the public weights, fetched on first use
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # looked for in a folder
+OLD_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # see load_vae
+SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
+                          I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
 
 
 def read_safetensors(path):
-    """Read a `.safetensors` file into {name: tensor} without the safetensors package.
-
-    The format: an unsigned little-endian 64-bit header length n, n bytes of JSON mapping each tensor name to
-    {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the bytes after the header; an optional
-    "__metadata__" entry holds strings), then the raw little-endian tensor bytes.
-    """
+    """{name: tensor} of a `.safetensors` file, read without the safetensors package. The format, little-endian: a u64
+    header length n, n bytes of JSON mapping each tensor name to {"dtype", "shape", "data_offsets": [begin, end]}
+    (into the bytes after the header; an optional "__metadata__" entry holds strings), then the raw tensor bytes."""
     if sys.byteorder != "little":
         raise RuntimeError("reading .safetensors assumes a little-endian machine")
     data = Path(path).read_bytes()
@@ -242,11 +174,10 @@ def read_safetensors(path):
             raise ValueError("the header is not a map of tensor names to {dtype, shape, data_offsets}")
     except ValueError as e:  # a bad length, bad UTF-8, bad JSON or a header of another layout
         raise UserError(f"{path} is not a .safetensors file: {e}") from None
+    header.pop("__metadata__", None)
     body = memoryview(data)[8 + n:]
     tensors = {}
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise UserError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
         dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
@@ -265,20 +196,20 @@ def vae_weights_path(source):
     if source in VAE_URLS:
         url = VAE_URLS[source]
         path = Path(torch.hub.get_dir()) / "checkpoints" / f"sd-vae-ft-{source}" / WEIGHT_FILES[0]
-        if not path.is_file():
-            created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with replace_atomically(path) as tmp:  # a download cut short leaves no file that looks complete
-                    torch.hub.download_url_to_file(url, str(tmp), progress=True)
-            except BaseException as e:
-                for folder in created:  # nothing is left behind in the cache, not even an empty folder
-                    folder.rmdir()
-                if not isinstance(e, OSError):  # urllib's URLError included
-                    raise
-                raise UserError(
-                    f"could not download the SD-VAE weights from {url} ({e}). Download that file on a machine "
-                    f"with internet access and pass its path (or its folder) as --vae PATH.") from None
+        if path.is_file():
+            return path
+        created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with replace_atomically(path) as tmp:  # a download cut short leaves no file that looks complete
+                torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        except BaseException as e:
+            for folder in created:  # nothing is left behind in the cache, not even an empty folder
+                folder.rmdir()
+            if not isinstance(e, OSError):  # urllib's URLError included
+                raise
+            raise UserError(f"could not download the SD-VAE weights from {url} ({e}). Download that file on a machine "
+                            f"with internet access and pass its path (or its folder) as --vae PATH.") from None
         return path
     path = Path(source)
     if path.is_dir():
@@ -292,11 +223,8 @@ def vae_weights_path(source):
 
 
 def load_vae(source="mse", device="cpu"):
-    """The SD-VAE with the weights of `source` ("ema", "mse", a weight file or its folder), frozen, in eval mode.
-
-    A missing file is an error, never random weights. Both attention key spellings are accepted; any other
-    mismatch with the SD-VAE's layout fails strict loading.
-    """
+    """The SD-VAE with the weights of `source` ("ema", "mse", a weight file or its folder), frozen, in eval mode. A
+    missing file or another layout (but the older attention names) is an error, never random weights."""
     path = vae_weights_path(source)
     if path.suffix == ".safetensors":
         state_dict = read_safetensors(path)
@@ -306,15 +234,12 @@ def load_vae(source="mse", device="cpu"):
         except Exception:  # torch's message would not name the file, and may suggest the unsafe weights_only=False
             raise UserError(f"{path} is not SD-VAE weights: expected a .safetensors file or a torch file of "
                             f"tensors (diffusion_pytorch_model.bin)") from None
-    renamed = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if len(parts) > 2 and parts[-2] in OLD_ATTENTION_KEYS and "attentions" in parts:
-            parts[-2] = OLD_ATTENTION_KEYS[parts[-2]]
-        renamed[".".join(parts)] = value
+    # Older uploads name each mid block's attention projections as diffusers' deprecated AttentionBlock did.
+    for old, new in OLD_ATTENTION_KEYS.items():
+        state_dict = {k.replace(f".attentions.0.{old}.", f".attentions.0.{new}."): v for k, v in state_dict.items()}
     vae = AutoencoderKL()
     try:
-        vae.load_state_dict(renamed, strict=True)
+        vae.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # other keys or shapes; torch's lines joined into one
         raise UserError(f"{path} is not an SD-VAE (AutoencoderKL) state dict: {' '.join(str(e).split())}") from None
     return vae.eval().requires_grad_(False).to(device)
@@ -326,17 +251,17 @@ def file_sha256(path):
 
 
 @torch.no_grad()
-def encode_images(vae, images, chunk_size=64, bf16=False):
-    """uint8 images (N, 3, H, W) → posterior moments (N, 8, H/8, W/8) float32: mean and std, concatenated, as a
-    prepared dataset stores them (REPA's practice); `sample_latents` draws a training latent from them."""
+def in_chunks(vae, f, x, chunk_size, bf16):
+    """f(chunk) in float32 for each chunk of `x` moved to the VAE's device as float32, under bf16 autocast if `bf16`."""
     device = next(vae.parameters()).device
-    moments = []
-    for chunk in images.split(chunk_size):
-        x = chunk.to(device, torch.float32) / 127.5 - 1.0  # [0, 255] → [-1, 1]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            mean, std = vae.encode(x)
-        moments.append(torch.cat([mean, std], dim=1).float())
-    return torch.cat(moments)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return torch.cat([f(chunk.to(device, torch.float32)).float() for chunk in x.split(chunk_size)])
+
+
+def encode_images(vae, images, chunk_size=64, bf16=False):
+    """uint8 images (N, 3, H, W), [0, 255] mapped to [-1, 1], → posterior moments (N, 8, H/8, W/8) float32: mean and
+    std concatenated, as a prepared dataset stores them (REPA's practice), for `sample_latents` to draw from."""
+    return in_chunks(vae, lambda x: torch.cat(vae.encode(x / 127.5 - 1.0), dim=1), images, chunk_size, bf16)
 
 
 def sample_latents(moments):
@@ -345,22 +270,15 @@ def sample_latents(moments):
     return (mean + std * torch.randn_like(mean)) * LATENT_SCALE
 
 
-@torch.no_grad()
 def decode_latents(vae, latents, chunk_size=64, bf16=False):
     """Scaled latents (N, 4, h, w) → float32 images (N, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
-    device = next(vae.parameters()).device
-    images = []
-    for chunk in latents.split(chunk_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            images.append(vae.decode(chunk.to(device, torch.float32) / LATENT_SCALE).float())
-    return torch.cat(images)
+    return in_chunks(vae, lambda z: vae.decode(z / LATENT_SCALE), latents, chunk_size, bf16)
 
 
 def main(args):
     path = vae_weights_path(args.vae)
     vae = load_vae(args.vae)
-    print(f"{path}: SD-VAE with {sum(p.numel() for p in vae.parameters()):,} parameters, "
-          f"sha256 {file_sha256(path)}")
+    print(f"{path}: SD-VAE with {sum(p.numel() for p in vae.parameters()):,} parameters, sha256 {file_sha256(path)}")
 
 
 if __name__ == "__main__":
