@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import Attention  # the SiT's, timm's layout (keys qkv, proj) as these ViTs
 from runtime import UserError, barrier
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # every encoder here (REPA)
@@ -67,18 +68,6 @@ class DINOv2Target(Target):
         return self.encoder.forward_features(x)["x_norm_patchtokens"]
 
 
-class Attention(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
-
-    def forward(self, x):
-        N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 × (N, h, T, D/h)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ / √(D/h))·v
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
-
-
 class Block(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -116,19 +105,13 @@ class ViT(Target):
         return (self.norm(x) if self.final_norm else x)[:, 1:]                              # (N, T, D)
 
 
-def check_names(names):
-    for name in names:
-        if name not in ENCODERS:
-            raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
-
-
-def load_encoder(name, image_size, num_tokens, weights_dir="ckpts"):
-    """REPA's target encoder `name` (one of ENCODERS) for S-px images, frozen and in eval mode, with `embed_dim`.
-
-    REPA aligns the model's token i with the encoder's patch i, so its grid must give `num_tokens` tokens. Every
-    mistake the user can make is refused (UserError) before anything is downloaded or read.
-    """
-    check_names([name])
+def check_encoder(name, image_size, num_tokens, weights_dir="ckpts"):
+    """The patch grid (per side) of encoder `name` (one of ENCODERS) on S-px images. Every mistake the user can make
+    is refused here (UserError), before anything is downloaded or read: an unknown name, an image size the encoder
+    does not take, a grid that does not give the model's `num_tokens` (REPA aligns token i with patch i), a missing
+    weight file."""
+    if name not in ENCODERS:
+        raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
     dinov2 = name.startswith("dinov2")
     if dinov2 and image_size % 256:
         raise UserError(f"REPA's DINOv2 target needs images of 256 or 512 px (224·S/256 pixels, 16·S/256 patches "
@@ -139,7 +122,18 @@ def load_encoder(name, image_size, num_tokens, weights_dir="ckpts"):
     if num_tokens != grid * grid:
         raise UserError(f"REPA aligns token i with {label} patch i, but the model has {num_tokens} tokens and "
                         f"{label} {grid * grid} at {image_size} px: use patch size 2")
-    encoder = load_dinov2(name[-1], image_size, grid) if dinov2 else load_vit(name, Path(weights_dir), grid)
+    if not dinov2 and not (Path(weights_dir) / VIT_WEIGHTS[name][0]).is_file():
+        file, url = VIT_WEIGHTS[name]
+        raise UserError(f"{name} needs its published weights {Path(weights_dir) / file}: download {url} into "
+                        f"{weights_dir} (--encoder-dir sets the folder)")
+    return grid
+
+
+def load_encoder(name, image_size, num_tokens, weights_dir="ckpts"):
+    """REPA's target encoder `name` for S-px images (checked by `check_encoder`), frozen and in eval mode, with
+    `embed_dim`."""
+    grid, dinov2 = check_encoder(name, image_size, num_tokens, weights_dir), name.startswith("dinov2")
+    encoder = load_dinov2(name[-1], image_size, grid) if dinov2 else load_vit(name, weights_dir, grid)
     return encoder.eval().requires_grad_(False)
 
 
@@ -175,11 +169,8 @@ def load_vit(name, weights_dir, grid):
     table too, not recomputed). Deviations from REPA's load_encoders: the files keep their published names (REPA
     reads renamed copies, ckpts/mae_vit{b}.pth, ckpts/mocov3_vit{b}.pth); MAE's ViT-B (REPA builds ViT-L for any
     mae-vit-*)."""
-    file, url = VIT_WEIGHTS[name]
-    path = weights_dir / file
-    if not path.is_file():
-        raise UserError(f"{name} needs its published weights {path}: download {url} into {weights_dir} "
-                        f"(--encoder-dir sets the folder)")
+    file = VIT_WEIGHTS[name][0]
+    path = Path(weights_dir) / file
     model = ViT(**VIT_B, grid=grid, final_norm=name.startswith("mocov3"))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

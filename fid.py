@@ -44,13 +44,12 @@ if __name__ == "__main__":
 import numpy as np
 import scipy.linalg
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.models import inception as tv
 from tqdm import tqdm
 
-from runtime import UserError, close_distributed, init_distributed, run
+from runtime import UserError, all_gather, close_distributed, init_distributed, run
 
 INCEPTION_SIZE = 299      # the graph resizes every input to 299×299
 SPATIAL_CHANNELS = 7      # sFID: the first 7 channels of mixed_6/conv, 17·17·7 = 2023 values
@@ -244,10 +243,7 @@ def extract_features(model, source, batch_size, rank=0, world_size=1, desc="feat
                       desc=desc, disable=rank != 0):
         images = torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2)  # (n, 3, H, W), a copy
         parts.append([f.cpu().numpy() for f in model(images)])
-    if world_size > 1:  # every rank's batches, in rank order
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, parts)
-        parts = [part for rank_parts in gathered for part in rank_parts]
+    parts = [part for rank_parts in all_gather(parts, world_size) for part in rank_parts]  # every rank's, in order
     return InceptionFeatures(*(np.concatenate(columns) for columns in zip(*parts)))
 
 

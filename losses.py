@@ -117,7 +117,7 @@ def diversity_pairs(depth, encoder_depth=None, layers=DIVERSITY_LAYERS):
         start = max_pairs - encoder_depth - 1
         if start < 0:
             raise ValueError(f"the release's pair rule starts at block {max_pairs} − encoder_depth − 1 = {start} "
-                             f"for encoder_depth {encoder_depth}; give the pairs explicitly instead")
+                             f"for encoder_depth {encoder_depth}")
         outer = range(start, max_pairs + encoder_depth)
     pairs = []
     for i in outer:
@@ -127,7 +127,7 @@ def diversity_pairs(depth, encoder_depth=None, layers=DIVERSITY_LAYERS):
             pairs.append((i, j))
     if not pairs:
         raise ValueError(f"the release's pair rule finds no block pair for depth {depth} and encoder_depth "
-                         f"{encoder_depth}; give the pairs explicitly instead")
+                         f"{encoder_depth}")
     return pairs
 
 

@@ -306,7 +306,7 @@ def checkpoints_to_try(resume, results_dir):
         if not steps:  # nothing to resume; a write cut short may have left a large temporary: remove it
             stale = sorted((path / "checkpoints").glob(".*.tmp"))
             for tmp in stale:
-                tmp.unlink()
+                tmp.unlink(missing_ok=True)  # under torchrun, every rank tries
             raise UserError(f"--resume {path}: no checkpoints in {path / 'checkpoints'} (it stopped before its first)"
                             + "".join(f"; removed {tmp.name}, the temporary of a write cut short" for tmp in stale))
         return [path / "checkpoints" / f"{s:07d}.pt" for s in reversed(steps)], path

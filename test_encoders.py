@@ -138,7 +138,7 @@ def test_vit_b_reads_files_with_every_key_and_shape_of_the_published_ones(tmp_pa
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 2**20
     for name in ("mae-vit-b", "mocov3-vit-b"):
         vit = load_encoder(name, 256, 256, tmp_path)
-        assert vit.embed_dim == 768 and all(block.attn.heads == 12 for block in vit.blocks)
+        assert vit.embed_dim == 768 and all(block.attn.num_heads == 12 for block in vit.blocks)
         assert {m.eps for m in vit.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}  # both papers' ViT-B
         # timm's ViT-B/16 at 224 px (86,567,656) without its 1000-class head, with 16² − 14² positions more
         assert sum(p.numel() for p in vit.parameters()) == 86_567_656 - 769_000 + 60 * 768

@@ -47,6 +47,7 @@ def stand_in_encoder(monkeypatch):
             loaded.setdefault(name, StandInEncoder().requires_grad_(False))
         return [loaded[name] for name in names]
     loaded = {}
+    monkeypatch.setattr(train, "check_encoder", lambda *args: None)  # the real check refuses 16-px images
     monkeypatch.setattr(train, "load_encoders", load_encoders)
     return loaded
 
@@ -114,7 +115,9 @@ def test_bad_ablation_settings_are_refused_before_any_work(tmp_path):
                            (["--repa", "--encoder-depth", "2,9"], "--encoder-depth 9 is not a block of SiT-Tiny/4"),
                            (["--repa", "--enc-type", "dinov2-vit-b,mae-vit-b,mocov3-vit-b", "--encoder-depth", "1,2"],
                             "names 3 encoders and"),
-                           (["--repa", "--enc-type", "dino", "--encoder-depth", "2"], "unknown encoder 'dino'")]:
+                           (["--repa", "--enc-type", "dino", "--encoder-depth", "2"], "unknown encoder 'dino'"),
+                           (["--diverse", "--repa", "--encoder-depth", "2", "--diversity-layers", "1"],
+                            "pair rule starts at block 1 − encoder_depth − 1 = -2 .*: choose another --encoder-depth")]:
         with pytest.raises(UserError, match=message):
             run(tmp_path, *flags)
         assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,6 @@ every --sample-every steps, samples/NNNNNNN.png (an EMA grid). `--resume RUN_DIR
 """
 import argparse
 import copy
-import functools
 import math
 import sys
 import time
@@ -124,8 +123,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import BUILTIN_DATA, InfiniteSampler, open_dataset
-from encoders import check_names as check_encoder_names, load_encoders
-from losses import (ADAPTIVE_WEIGHT_RANGE, DIVERSITY_TERMS, adaptive_weight, disploss, diversity_loss, diversity_pairs,
+from encoders import check_encoder, load_encoders
+from losses import (DIVERSITY_TERMS, adaptive_weight, disploss, diversity_loss, diversity_pairs,
                     flow_matching_loss, interpolate, meanflow_guided_velocity, meanflow_loss, meanflow_target,
                     repa_loss, sample_meanflow_times, sample_time, sra_loss, sra_teacher_time)
 from models import SIT_SIZES, SiT_models, build_model
@@ -153,7 +152,7 @@ def training_losses(model, x, y, images=None, *, path_type="linear", weighting="
     DDP-wrapped or compiled) that carries gradients, plus, without them, REPA's encoder, SRA's teacher, MeanFlow's JVP.
 
     x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8, REPA's encoder input.
-    block_losses: the blocks' outputs → DiverseDiT's and DispLoss's terms (`losses_on_blocks`, bound to its settings);
+    block_losses: the blocks' outputs → DiverseDiT's and DispLoss's terms (`block_losses_for`);
     encoders: REPA's target encoder of each projector (an encoder may serve several blocks);
     teacher: SRA's EMA teacher, aligned at its `sra_block` (1-indexed);
     meanflow: (the bare network, its guidance settings) for MeanFlow's objective instead of flow matching.
@@ -187,28 +186,32 @@ def training_losses(model, x, y, images=None, *, path_type="linear", weighting="
     return terms
 
 
-def losses_on_blocks(blocks, pairs=(), diversity_terms=DIVERSITY_TERMS, weight_range=ADAPTIVE_WEIGHT_RANGE,
-                     disploss_block=None, disploss_tau=1.0):
-    """DiverseDiT's L_div over the block pairs (with its parts and its weight w) and DispLoss on one block."""
-    terms = {}
-    if pairs:
-        div = diversity_loss(blocks, pairs, diversity_terms)
-        terms.update(div=div.total, div_orth=div.orthogonality, div_mi=div.mutual_information,
-                     div_disp=div.dispersion, w=adaptive_weight(div.total, weight_range))
-    if disploss_block:
-        terms["disploss"] = disploss(blocks[disploss_block - 1], disploss_tau)
-    return terms
-
-
 def block_losses_for(args, depth):
-    """`losses_on_blocks` bound to the run's settings, or None when no term needs the blocks' outputs."""
-    pairs = (diversity_pairs(depth, args.encoder_depth and args.encoder_depth[0], args.diversity_layers)
-             if args.diversity_loss else ())  # with several aligned blocks, the release's rule takes the first
-    if not (pairs or args.disploss):
-        return None
-    return functools.partial(losses_on_blocks, pairs=pairs, diversity_terms=args.diversity_terms,
-                             weight_range=None if args.constant_weight else args.adaptive_range,
-                             disploss_block=args.disploss_block, disploss_tau=args.disploss_tau)
+    """The terms computed on the blocks' outputs, bound to the run's settings: L_div over the pairs P (with its parts
+    and its weight w) and DispLoss on one block; None when no term needs them."""
+    pairs = run_pairs(args, depth)
+    weight_range = None if args.constant_weight else args.adaptive_range
+
+    def block_losses(blocks):  # L × (N, T, D) → {term: scalar}
+        terms = {}
+        if pairs:
+            div = diversity_loss(blocks, pairs, args.diversity_terms)
+            terms.update(div=div.total, div_orth=div.orthogonality, div_mi=div.mutual_information,
+                         div_disp=div.dispersion, w=adaptive_weight(div.total, weight_range))
+        if args.disploss:
+            terms["disploss"] = disploss(blocks[args.disploss_block - 1], args.disploss_tau)
+        return terms
+    return block_losses if pairs or args.disploss else None
+
+
+def run_pairs(args, depth):
+    """The run's block pairs P (none without L_div); with several aligned blocks, the release's rule takes the first."""
+    if not args.diversity_loss:
+        return ()
+    try:
+        return diversity_pairs(depth, args.encoder_depth and args.encoder_depth[0], args.diversity_layers)
+    except ValueError as e:  # the release's rule finds no pairs for these settings
+        raise UserError(f"{e}: choose another --encoder-depth or --diversity-layers") from None
 
 
 def total_loss(terms, args):
@@ -270,7 +273,6 @@ def resolve_args(args):
     args.long_residual = args.long_residual or args.diverse
     args.diversity_loss = args.diversity_loss or args.diverse
     if args.repa:  # one alignment (encoder, block) per projector; a list of one repeats its entry
-        check_encoder_names(args.enc_type)
         if args.encoder_depth is None and size not in ENCODER_DEPTH:
             raise UserError(f"--repa on {args.model}: give --encoder-depth (the paper's Table A1 covers B, L, XL)")
         depths = args.encoder_depth or [ENCODER_DEPTH[size]]
@@ -281,6 +283,7 @@ def resolve_args(args):
         args.enc_type, args.encoder_depth = args.enc_type * (n // len(args.enc_type)), depths * (n // len(depths))
     else:
         args.enc_type = args.encoder_depth = None
+    run_pairs(args, depth)  # refused here if the release's pair rule finds none for these settings
     if args.diversity_loss and (not args.diversity_terms or set(args.diversity_terms) - set(DIVERSITY_TERMS)):
         raise UserError(f"--diversity-terms {','.join(args.diversity_terms)}: choose one or more of "
                         f"{','.join(DIVERSITY_TERMS)}")
@@ -331,9 +334,11 @@ def main(args):
         check_resumable(saved_args(ckpt), args)
     # Rank 0's own work (the VAE for previews) comes before the first collective, so that its errors end the run
     # instead of leaving the other ranks waiting.
-    vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
     C, H, _ = dataset.input_shape
     num_tokens = (H // int(args.model.rsplit("/")[1])) ** 2
+    for name in args.enc_type or ():
+        check_encoder(name, args.image_size, num_tokens, args.encoder_dir)
+    vae = load_vae(args.vae, device) if rank == 0 and args.sample_every and dataset.latent else None
     encoders = [e.to(device) for e in load_encoders(args.enc_type or [], args.image_size, num_tokens, args.encoder_dir)]
     if not args.resume:  # only now, after every check: a refused run leaves no folder behind
         run_dir = new_run_dir(args, world_size, device) if rank == 0 else None
