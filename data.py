@@ -20,6 +20,7 @@ x is the image itself in [-1, 1] (pixel space, no VAE).
 """
 import argparse
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -191,6 +192,7 @@ class ShapesDataset(Dataset):
         return (x, y, image) if self.images else (x, y)
 
 
+@functools.cache  # trained once per process and size (sample.py, evaluate.py ask for it per batch)
 def shapes_classifier(image_size, seed=0, steps=200, num_images=2000, batch_size=64):
     """A small CNN, trained here in seconds on a CPU, that names the shape in a ShapesDataset image ((N, 3, S, S) in
     [-1, 1] → (N, 10) logits): the built-in data's counterpart of ImageNet's Inception classifier, to tell whether a

@@ -336,6 +336,17 @@ def statistics_of(source, features):
             "mu_s": features.spatial.mean(axis=0), "sigma_s": np.cov(features.spatial, rowvar=False)}
 
 
+def adm_metrics(ref, ref_features, samples, sample_features):
+    """IS, FID, sFID, precision and recall of the samples against the reference (Sources and their features)."""
+    ref_stats, sample_stats = statistics_of(ref, ref_features), statistics_of(samples, sample_features)
+    precision, recall = precision_recall(ref_features.pool, sample_features.pool)
+    return {"inception_score": inception_score(sample_features.logits),
+            "fid": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
+            "sfid": frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"],
+                                     ref_stats["sigma_s"]),
+            "precision": precision, "recall": recall}
+
+
 def main(args):
     # The inputs are checked before any weights are loaded (or downloaded). Each must hold enough images for its
     # metrics: a covariance (FID, sFID) needs 2, precision and recall a point and its k nearest neighbours.
@@ -360,17 +371,9 @@ def main(args):
         print(f"saved the statistics of {len(features[0].pool)} images to {args.save_stats}")
     elif rank == 0:
         (ref, samples), (ref_features, sample_features) = sources, features
-        ref_stats, sample_stats = statistics_of(ref, ref_features), statistics_of(samples, sample_features)
-        precision, recall = precision_recall(ref_features.pool, sample_features.pool)
-        results = {
-            "inception_score": inception_score(sample_features.logits),
-            "fid": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
-            "sfid": frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"],
-                                     ref_stats["sigma_s"]),
-            "precision": precision, "recall": recall,
-            "reference": str(Path(args.ref).resolve()), "samples": str(Path(args.samples).resolve()),
-            "num_reference": len(ref_features.pool), "num_samples": len(sample_features.pool),
-        }
+        results = {**adm_metrics(ref, ref_features, samples, sample_features),
+                   "reference": str(Path(args.ref).resolve()), "samples": str(Path(args.samples).resolve()),
+                   "num_reference": len(ref_features.pool), "num_samples": len(sample_features.pool)}
         if samples.count < STANDARD_COUNTS[0] or ref.count < STANDARD_COUNTS[1]:
             print(f"warning: {samples.count} samples against {ref.count} reference images are not comparable with "
                   f"published numbers ({STANDARD_COUNTS[0]} against {STANDARD_COUNTS[1]}): FID is biased upwards "

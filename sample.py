@@ -346,6 +346,15 @@ def draw(model, vae, args, batches, labels=None, disable=False):
 
 
 def main(args):
+    check_args(args)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    rank, world_size, device = init_distributed()
+    sample_outputs(args, rank, world_size, device)
+    close_distributed()
+
+
+def check_args(args):
+    """Fills in --num-steps and refuses bad settings, before anything is loaded (evaluate.py checks its own too)."""
     args.num_steps = DEFAULT_STEPS[args.sampler] if args.num_steps is None else args.num_steps
     for flag, value in [("--num-steps", args.num_steps), ("--per-proc-batch-size", args.per_proc_batch_size),
                         ("--images-per-class", args.images_per_class), ("--num-fid-samples", args.num_fid_samples)]:
@@ -356,8 +365,11 @@ def main(args):
                         f"{args.guidance_high}]")
     if args.num_fid_samples is not None and args.class_labels:
         raise UserError("--class-labels sets a grid's rows; FID batches draw labels uniformly per sample")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    rank, world_size, device = init_distributed()
+
+
+def sample_outputs(args, rank, world_size, device):
+    """The grid or the FID batch of `args` (checked by `main`); returns (their path without suffix, the model's
+    description). evaluate.py calls it for each checkpoint of a run."""
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
     meanflow = description["meanflow"]
     if meanflow != (args.sampler == "meanflow"):
@@ -375,7 +387,7 @@ def main(args):
         sample_fid_batch(model, vae, args, description, stem, rank, world_size)
     elif rank == 0:  # a grid is one process's work
         sample_grid(model, vae, args, description, stem)
-    close_distributed()
+    return stem, description
 
 
 def sample_grid(model, vae, args, description, stem):
