@@ -62,13 +62,11 @@ SETTINGS = ("num_samples", "sampler", "num_steps", "cfg_scale", "guidance_interv
 
 
 def sample_args(args, ckpt):
-    """sample.py's arguments for this checkpoint's FID batch, checked as sample.py checks them."""
-    flags = ["--ckpt", str(ckpt), "--num-fid-samples", str(args.num_samples), "--sampler", args.sampler,
-             "--cfg-scale", str(args.cfg_scale), "--guidance-low", str(args.guidance_low), "--guidance-high",
-             str(args.guidance_high), "--weights", args.weights, "--seed", str(args.seed), "--per-proc-batch-size",
-             str(args.per_proc_batch_size), "--precision", args.precision, "--vae", args.vae, "--sample-dir",
-             args.sample_dir] + (["--num-steps", str(args.num_steps)] if args.num_steps else [])
-    sargs = sample.build_parser().parse_args(flags)
+    """sample.py's arguments for this checkpoint's FID batch: its defaults, the flags both scripts share, checked as
+    sample.py checks them."""
+    defaults = vars(sample.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    shared = {key: value for key, value in vars(args).items() if key in defaults}
+    sargs = argparse.Namespace(**{**defaults, **shared, "ckpt": str(ckpt), "num_fid_samples": args.num_samples})
     sample.check_args(sargs)
     return sargs
 
