@@ -126,13 +126,13 @@ def score(run_dir, args, reference, inception, rank, world_size, device):
 def draw_milestones_of(run_dir, args, device):
     """run_dir/milestones.png: --milestone-samples EMA images of every checkpoint, the same noise and labels in every
     row (sample indices 0…n−1 of --seed; grid classes as sample.py's)."""
-    rows, vae = [], None
+    rows, vae, n = [], None, args.milestone_samples
     for step in checkpoint_steps(run_dir / "checkpoints"):
-        model, description = sample.load_sampling_model(run_dir / "checkpoints" / f"{step:07d}.pt", args.weights)
+        ckpt = run_dir / "checkpoints" / f"{step:07d}.pt"
+        sargs = sample_args(args, ckpt)  # sample.py's settings of the FID batch, --num-steps filled in
+        model, description = sample.load_sampling_model(ckpt, args.weights)
         if vae is None and description["in_channels"] == LATENT_CHANNELS:
             vae = load_vae(args.vae, device)
-        sargs = sample_args(args, run_dir / "checkpoints" / f"{step:07d}.pt")
-        n = args.milestone_samples
         images = sample.generate(model.to(device), vae, list(range(n)), seed=args.seed, sampler=sargs.sampler,
                                  num_steps=sargs.num_steps, cfg_scale=args.cfg_scale, bf16=args.precision == "bf16",
                                  interval=(args.guidance_low, args.guidance_high),
