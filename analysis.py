@@ -3,9 +3,10 @@
     python analysis.py --ckpt results/000-SiT-B-2-sit/checkpoints/0050000.pt --ckpt …/0400000.pt
 
 For each checkpoint, the outputs of all L blocks are taken on one batch fixed by --seed (labels and noise, the
-same for every checkpoint), at the last step of a 50-step Euler trajectory (the paper's choice) or, with --data-path
-and --t, on noised data at fixed times. Their L×L similarities are drawn as PNG heatmaps (one per metric, several
-checkpoints side by side) and written to JSON with the mean off-diagonal similarity and L_div's three terms.
+same for every checkpoint) along an unguided 50-step Euler sampling trajectory: at its last step (t = 0.02, the
+paper's Fig. 2) or, with --t, wherever it reaches the given times (Fig. A2). Their L×L similarities are drawn as
+PNG heatmaps (one per metric and time, checkpoints side by side) and written to JSON with the mean off-diagonal
+similarity and L_div's three terms.
 
 Metrics: CKA with an RBF kernel (the paper's; bandwidth by the median heuristic, which the paper does not give),
 linear CKA, and the mean |per-token cosine| between blocks (the diversity loss's L_MI penalises the absolute value
@@ -29,9 +30,8 @@ def build_parser():
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     parser.add_argument("--num-samples", type=int, default=64, help="batch the similarities are measured on")
     parser.add_argument("--seed", type=int, default=0, help="labels and noise (identical for every checkpoint)")
-    parser.add_argument("--data-path", default=None,
-                        help="take features on noised data from this prepared folder (or builtin:shapes) instead")
-    parser.add_argument("--t", type=float, nargs="+", default=None, help="times for --data-path (default 0.5)")
+    parser.add_argument("--t", type=float, nargs="+", default=[1 / 50],
+                        help="trajectory times, rounded to its grid k/50 (default: its last step, 0.02)")
     parser.add_argument("--out", default="analysis", help="folder for the PNGs and similarity.json")
     parser.add_argument("--device", default=None)
     return parser
@@ -44,13 +44,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import open_dataset
-from losses import DIVERSITY_LAYERS, diversity_loss, diversity_pairs, interpolate
-from runtime import UserError, run, saved_args
+from losses import DIVERSITY_LAYERS, diversity_loss, diversity_pairs
+from runtime import UserError, run
 from sample import SampleRandomness, load_sampling_model
-from vae import sample_latents
 
-TRAJECTORY_STEPS = 50  # features at the last step of a 50-step Euler trajectory
+TRAJECTORY_STEPS = 50  # the Euler trajectory the features are taken along (the paper: its last step)
 COLOUR_RANGE = (0.0, 1.0)  # every metric lies in [0, 1]: one fixed scale, so pictures drawn apart compare by eye
 # A perceptually ordered colour map (viridis at five stops), interpolated linearly in between.
 COLOURS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
@@ -102,35 +100,19 @@ def forward_at(model, x, t, y, return_features=False):
     return model(x.float(), t_batch, y, return_features=return_features, r=t_batch if model.meanflow else None)
 
 
-def trajectory_features(model, z, y, num_steps=TRAJECTORY_STEPS):
-    """Block outputs at the last step of an unguided Euler trajectory from t = 1 (z) to 0 (sample.euler_sampler's
-    grid): the state after num_steps − 1 steps, at t = 1/num_steps."""
+def trajectory_features(model, z, y, steps, num_steps=TRAJECTORY_STEPS):
+    """{k: the blocks' outputs L × (N, T, D)} at each step k of `steps` (k = 1 … num_steps counting down from t = 1,
+    t = k/num_steps) of an unguided Euler trajectory from z at t = 1 on sample.euler_sampler's grid: at step k, the
+    state reached after num_steps − k steps. z: (N, C, H, W) noise; y: (N,) labels."""
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    x = z.double()
-    for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
-        x = x + (t_next - t_cur) * forward_at(model, x, t_cur, y).double()
-    return forward_at(model, x, t_steps[-2], y, return_features=True)[1].blocks
-
-
-def fixed_inputs(model, args, device):
-    """(labels, noise, clean data or None), drawn from --seed: the same for every checkpoint of one shape."""
-    rand = SampleRandomness(args.seed, range(args.num_samples))
-    y = rand.labels(model.num_classes)
-    eps = rand.normal((model.in_channels, model.input_size, model.input_size)).float()
-    x0 = None
-    if args.data_path:
-        dataset = open_dataset(args.data_path, builtin_image_size=model.input_size)
-        if args.num_samples > len(dataset):
-            raise UserError(f"--num-samples {args.num_samples} is more than the {len(dataset)} images of "
-                             f"{args.data_path}")
-        indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num_samples]
-        x0, y = zip(*(dataset[i] for i in indices.tolist()))  # (image or latent moments, label) each
-        x0, y = torch.stack(x0), torch.tensor(y)
-        if dataset.latent:
-            torch.manual_seed(args.seed)
-            x0 = sample_latents(x0)
-        x0 = x0.to(device)
-    return y.to(device), eps.to(device), x0
+    x, features = z.double(), {}
+    for i in range(num_steps - min(steps) + 1):  # i steps taken, at t = t_steps[i] = k/num_steps
+        k = num_steps - i
+        v = forward_at(model, x, t_steps[i], y, return_features=k in steps)
+        if k in steps:
+            v, features[k] = v[0], v[1].blocks
+        x = x + (t_steps[i + 1] - t_steps[i]) * v.double()
+    return features
 
 
 def colour(values, low, high):
@@ -162,9 +144,8 @@ def heatmap(matrix, title, low, high, cell=16):
 
 
 def measured_on(where):
-    """Where the features of a `features` key ("trajectory", "t=0.5") were taken, in words."""
-    return (f"at the last of {TRAJECTORY_STEPS} Euler steps (t={1 / TRAJECTORY_STEPS:g})" if where == "trajectory"
-            else f"on noised data at {where}")
+    """Where the features of a `features` key ("t=0.02") were taken, in words."""
+    return f"at {where} of a {TRAJECTORY_STEPS}-step Euler trajectory"
 
 
 def analyse(ckpt_path, args, device):
@@ -174,21 +155,18 @@ def analyse(ckpt_path, args, device):
     model, description = load_sampling_model(ckpt_path, args.weights)
     model.to(device)
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # a dict: load_sampling_model
-    step, trained = saved.get("steps"), saved_args(saved) if "args" in saved else {}
+    step, trained = saved.get("steps"), saved.get("args", {})
     # the run's own pairs P (train.block_losses_for): its first REPA block and its layer count
     pairs = diversity_pairs(model.depth, (trained.get("encoder_depth") or [None])[0],
                             trained.get("diversity_layers", DIVERSITY_LAYERS))
-    y, eps, x0 = fixed_inputs(model, args, device)
+    rand = SampleRandomness(args.seed, range(args.num_samples))  # the same for every checkpoint of one shape
+    y = rand.labels(model.num_classes).to(device)
+    z = rand.normal((model.in_channels, model.input_size, model.input_size)).float().to(device)
     print(f"  block features on {args.num_samples} samples", flush=True)
-    if x0 is None:
-        features = {"trajectory": trajectory_features(model, eps, y)}
-    else:  # on x_t = α_t·x₀ + σ_t·ε (the checkpoint's path), at one fixed time t for the whole batch
-        features = {}
-        for t in args.t:
-            x_t = interpolate(x0, eps, torch.full((len(x0),), t, device=device), description["path_type"])[0]
-            features[f"t={t:g}"] = forward_at(model, x_t, t, y, return_features=True)[1].blocks
+    features = trajectory_features(model, z, y, {round(t * TRAJECTORY_STEPS) for t in args.t})  # k: t = k/50
     result = {"step": step, "model": description["model"], "weights": args.weights, "features": {}}
-    for where, blocks in features.items():
+    for k, blocks in features.items():
+        where = f"t={k / TRAJECTORY_STEPS:g}"
         print(f"  {', '.join(METRIC_NAMES[m] for m in args.metrics)} between {len(blocks)} blocks "
               f"{measured_on(where)}", flush=True)
         div = diversity_loss(blocks, pairs)
@@ -202,11 +180,8 @@ def analyse(ckpt_path, args, device):
 
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.t and not args.data_path:
-        raise UserError("--t takes features on noised data: give --data-path too")
-    args.t = args.t or [0.5]
-    if not all(0.0 <= t <= 1.0 for t in args.t):
-        raise UserError(f"--t must lie in [0, 1], got {args.t}")
+    if not all(1 <= round(t * TRAJECTORY_STEPS) <= TRAJECTORY_STEPS for t in args.t):
+        raise UserError(f"--t must lie in [0.01, 1] (the trajectory's steps t = k/{TRAJECTORY_STEPS}), got {args.t}")
     if args.num_samples < 2:
         raise UserError("--num-samples must be at least 2: similarities compare samples")
     results = {}

@@ -3,7 +3,6 @@
     python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10 --compile]
     python bench.py data [--batch-size 256 --num-workers 2 --num-images 4096]
     python bench.py sampler [--model SiT-Tiny/4 --batch-size 16 --num-steps 50 --steps 10]
-    python bench.py train [--model SiT-B/2 --batch-size 8 --steps 5 --rounds 3]
     python bench.py fid [--batch-size 50 --num-images 200]
     python bench.py gpu [--model SiT-B/2 --peak-tflops 989.5 --out bench-gpu.json --smoke]
 
@@ -14,7 +13,6 @@ data: samples / s that a synthetic prepared folder (data.py's layout, in the pag
 DataLoader, with and without the images REPA needs.
 sampler: sample.py's samplers on the built-in data's workload (3×32×32, 10 classes), each against the bare network
 forwards it makes (the difference is the loop's own cost); and guidance on all of [0, 1] against an interval.
-train: a whole train.py step (data, losses, clipping, AdamW, EMA, bookkeeping) against the bare step of `step`.
 fid: fid.py's feature extraction rate (random weights and images), and the time and peak memory of precision /
 recall on 20,000 × 10,000 random 2048-d features.
 gpu: everything a user's GPU run depends on, in one run of at most 8 minutes on one CUDA device (`bench_gpu`), as
@@ -36,22 +34,21 @@ from types import SimpleNamespace
 
 DEFAULTS = {  # benchmark: the defaults of its flags left unset
     "step": {"model": "SiT-B/2", "batch_size": 8}, "data": {"batch_size": 256, "num_images": 4096},
-    "sampler": {"model": "SiT-Tiny/4", "batch_size": 16}, "train": {"model": "SiT-B/2", "batch_size": 8},
+    "sampler": {"model": "SiT-Tiny/4", "batch_size": 16},
     "fid": {"batch_size": 50, "num_images": 200}, "gpu": {"batch_size": 32}}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", nargs="?", default="step", choices=list(DEFAULTS))
-    parser.add_argument("--model", help="default: SiT-B/2 for step and train, SiT-Tiny/4 for sampler; gpu: train "
-                                        "only this one (default: SiT-B/2 and SiT-XL/2)")
+    parser.add_argument("--model", help="default: SiT-B/2 for step, SiT-Tiny/4 for sampler; gpu: train only this "
+                                        "one (default: SiT-B/2 and SiT-XL/2)")
     parser.add_argument("--batch-size", type=int,
-                        help="default: 8 for step and train, 256 for data, 16 for sampler, 50 for fid, 32 for gpu "
+                        help="default: 8 for step, 256 for data, 16 for sampler, 50 for fid, 32 for gpu "
                              "(the paper's 256 over 8 GPUs)")
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
     parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
-    parser.add_argument("--rounds", type=int, default=3, help="train: alternations of train.py and the bare step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--compile", action="store_true", help="step: torch.compile each variant's forward and loss")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -219,33 +216,6 @@ def bench_data(args, device):  # the DataLoader reads on the CPU, whatever the d
                          f"{count / (time.perf_counter() - start):,.0f}"])
     table(f"PreparedDataset at {args.image_size} px, batch {args.batch_size}, shuffled, {args.num_workers} "
           f"DataLoader workers, {args.num_images} images in the page cache", ["items", "samples / s"], rows)
-
-
-def bench_train(args, device):
-    """train.py runs on a synthetic prepared folder for 2K steps, logging every K: the second interval's rate is the
-    steady state (the first includes start-up). Rounds alternate train.py and K bare steps."""
-    K = args.steps
-    bare_step, ours, bare = make_train_step(*train_setup(args.model, [], args, device), args, device), [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = synthetic_prepared_folder(Path(tmp) / "prepared", max(4 * K * args.batch_size, 64), args.image_size)
-        for _ in range(args.rounds):
-            with tempfile.TemporaryDirectory(dir=tmp) as results:  # removed after each round: checkpoints are large
-                train.main(train.parse_args([
-                    "--model", args.model, "--data-path", str(folder), "--global-batch-size", str(args.batch_size),
-                    "--max-steps", str(2 * K), "--log-every", str(K), "--sample-every", "0", "--results-dir", results,
-                    "--num-workers", str(args.num_workers), "--precision", "fp32", "--no-compile"]))
-                metrics = next(Path(results).glob("*/metrics.jsonl")).read_text().splitlines()
-            ours.append(1 / json.loads(metrics[-1])["steps_per_sec"])
-            bare_step()  # warm-up
-            start = clock(device)
-            for _ in range(K):
-                bare_step()
-            bare.append((clock(device) - start) / K)
-    table(f"{args.model}, batch {args.batch_size}, {args.image_size} px latents, fp32, {machine(device)}, "
-          f"{args.rounds} rounds of {K} steps, {args.num_workers} workers",
-          ["round", "train.py s / step", "bare model s / step", "ratio"],
-          [[str(r), f"{a:.3f}", f"{b:.3f}", f"{a / b:.3f}×"] for r, (a, b) in enumerate(zip(ours, bare), 1)]
-          + [["median", "", "", f"{median_ratio(ours, bare):.3f}×"]])
 
 
 def extraction_rate(args, device):
@@ -504,8 +474,7 @@ def bench_gpu(args, device):
           ["measurement", "figures", "target"], [[r["measurement"], cells(r["figures"]), r["target"]] for r in rows])
 
 
-BENCHMARKS = {"step": bench_step, "data": bench_data, "sampler": bench_sampler, "train": bench_train, "fid": bench_fid,
-              "gpu": bench_gpu}
+BENCHMARKS = {"step": bench_step, "data": bench_data, "sampler": bench_sampler, "fid": bench_fid, "gpu": bench_gpu}
 
 
 def main(args):

@@ -27,47 +27,13 @@ ADAPTIVE_WEIGHT_RANGE = (0.1, 0.5)  # paper Sec. 3.2: w = 0 below, 1 above, a ra
 
 # ---------------------------------------------------------------- flow matching
 
-def interpolant(t, path_type="linear"):
-    """α_t, σ_t and their time derivatives for x_t = α_t·x + σ_t·ε (REPA's `SILoss.interpolant`).
+def interpolate(x, eps, t):
+    """The linear path of SiT and REPA: x_t = (1 − t)·x + t·ε, and its velocity v = dx_t/dt = ε − x.
 
-    linear: α_t = 1 − t, σ_t = t (SiT's and REPA's default);  cosine: α_t = cos(πt/2), σ_t = sin(πt/2).
+    x, eps: (N, C, H, W); t: (N,), drawn t ~ U(0, 1) in training (REPA's default). Returns x_t, v, both (N, C, H, W).
     """
-    _check_path(path_type)
-    if path_type == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    half_pi = math.pi / 2
-    return (torch.cos(half_pi * t), torch.sin(half_pi * t),
-            -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
-
-
-def _check_path(path_type):
-    if path_type not in ("linear", "cosine"):
-        raise ValueError(f"unknown path type {path_type!r}; choose 'linear' or 'cosine'")
-
-
-def sample_time(n, weighting="uniform", path_type="linear", device=None, generator=None):
-    """Training times t: (n,), drawn as REPA's `--weighting` does.
-
-    uniform:   t ~ U(0, 1).
-    lognormal: σ = exp(n), n ~ N(0, 1) (EDM's noise levels), mapped to t = σ / (1 + σ) on the linear path and
-               t = (2/π)·atan(σ) on the cosine path, i.e. the t at which σ_t / α_t = σ.
-    """
-    if weighting == "uniform":
-        return torch.rand(n, device=device, generator=generator)
-    if weighting == "lognormal":
-        _check_path(path_type)
-        sigma = torch.randn(n, device=device, generator=generator).exp()
-        return sigma / (1 + sigma) if path_type == "linear" else 2 / math.pi * torch.atan(sigma)
-    raise ValueError(f"unknown time weighting {weighting!r}; choose 'uniform' or 'lognormal'")
-
-
-def interpolate(x, eps, t, path_type="linear"):
-    """The noisy input x_t = α_t·x + σ_t·ε and the velocity target v = α'_t·x + σ'_t·ε (linear path: v = ε − x).
-
-    x, eps: (N, C, H, W); t: (N,). Returns x_t, v, both (N, C, H, W).
-    """
-    alpha_t, sigma_t, d_alpha_t, d_sigma_t = (a.view(-1, 1, 1, 1) for a in interpolant(t, path_type))
-    return alpha_t * x + sigma_t * eps, d_alpha_t * x + d_sigma_t * eps
+    t = t.view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+    return (1 - t) * x + t * eps, eps - x
 
 
 def flow_matching_loss(v_pred, v_target):

@@ -134,11 +134,8 @@ def sync_folder(folder):
 RESUME_MUST_MATCH = ("model", "data_kind", "image_size", "num_classes", "num_samples", "global_batch_size",
                      "global_seed", "long_residual", "diversity_loss", "diversity_terms", "diversity_layers",
                      "adaptive_range", "constant_weight", "repa", "enc_type", "encoder_depth", "projector_dim",
-                     "disploss", "disploss_block", "sra", "sra_student_block", "sra_teacher_block", "path_type",
-                     "weighting", "learn_sigma", "class_dropout_prob", "ckpt_every", "meanflow", "mf_omega",
-                     "mf_kappa", "mf_t_start", "mf_t_end")
-RENAMED = {"disp": "disploss", "disp_coeff": "disploss_coeff", "disp_tau": "disploss_tau",
-           "disp_block": "disploss_block"}  # in the args of checkpoints saved before DispLoss's flags were renamed
+                     "disploss", "disploss_block", "sra", "sra_student_block", "sra_teacher_block", "learn_sigma",
+                     "class_dropout_prob", "ckpt_every", "meanflow", "mf_omega", "mf_kappa", "mf_t_start", "mf_t_end")
 
 
 def run_folder_name(args):
@@ -259,17 +256,9 @@ def save_checkpoint(path, model, ema, optimizer, args, step, rank, world_size, l
     barrier()
 
 
-def saved_args(ckpt):
-    """The checkpoint's flags in today's names and types."""
-    saved = {RENAMED.get(key, key): value for key, value in ckpt["args"].items()}
-    if isinstance(saved.get("encoder_depth"), int):  # saved before several blocks could be aligned
-        saved["encoder_depth"] = [saved["encoder_depth"]]
-    return saved
-
-
 def check_resumable(saved, args):
     changed = [f"{key}: {saved.get(key)!r} in the checkpoint, {getattr(args, key)!r} now" for key in RESUME_MUST_MATCH
-               if key in saved and saved[key] != getattr(args, key)]  # keys added since: their defaults
+               if saved.get(key) != getattr(args, key)]
     if changed:
         raise UserError("cannot resume a run with other settings: " + "; ".join(changed))
 

@@ -289,8 +289,7 @@ def load_sampling_model(path, weights="ema", model_name=None):
     model = build_model(name, sit_time=sit_time, **config)
     model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(TRAINING_HEADS)}, strict=True)
     description = {"checkpoint_kind": kind, "weights": weights, "model": name, "sit_time": sit_time,
-                   "path_type": train_args.get("path_type", "linear"), "training_data": train_args.get("data_path"),
-                   **config}
+                   "training_data": train_args.get("data_path"), **config}
     return model.eval().requires_grad_(False), description
 
 
@@ -377,9 +376,6 @@ def sample_outputs(args, rank, world_size, device):
                         f"use --sampler {'meanflow' if meanflow else 'euler, heun or sde'}")
     if meanflow and args.cfg_scale != 1.0:
         raise UserError("MeanFlow trains guidance into the network: sample it with --cfg-scale 1")
-    if args.sampler == "sde" and description["path_type"] != "linear":
-        raise UserError(f"the SDE sampler's score assumes the linear path; {args.ckpt} was trained on the "
-                        f"{description['path_type']} path: use --sampler euler or heun")
     model.to(device)
     vae = load_vae(args.vae, device) if description["in_channels"] == LATENT_CHANNELS else None
     stem = Path(args.sample_dir) / run_name(args, description)

@@ -72,65 +72,70 @@ def test_heatmaps_and_json_for_two_checkpoints(tmp_path, capsys, monkeypatch):
         torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
                     "steps": 100 * (seed + 1)}, tmp_path / f"{seed}.pt")
     args = argparse.Namespace(ckpt=[tmp_path / "0.pt", tmp_path / "1.pt"], weights="ema", metrics=["cka_rbf", "cosine"],
-                              num_samples=6, seed=0, data_path=None, t=None, out=tmp_path / "out", device="cpu")
+                              num_samples=6, seed=0, t=[0.02], out=tmp_path / "out", device="cpu")
     drawn, real_heatmap = [], analysis.heatmap
     monkeypatch.setattr(analysis, "heatmap", lambda m, title, low, high: drawn.append((title, low, high))
                         or real_heatmap(m, title, low, high))
     analysis.main(args)
     # each picture says its metric, where it was measured, and the run; one fixed colour range for all
-    assert drawn == [(f"{metric} at the last of 50 Euler steps (t=0.02)\n{name}, step {step}, ema weights", 0.0, 1.0)
+    assert drawn == [(f"{metric} at t=0.02 of a 50-step Euler trajectory\n{name}, step {step}, ema weights", 0.0, 1.0)
                      for metric in ("RBF CKA", "mean |token cosine|") for name, step in (("0.pt", 100), ("1.pt", 200))]
     out = capsys.readouterr().out  # progress per checkpoint and per stage
     assert re.search(r"\[1/2\] .*0.pt\n  loading its ema weights\n  block features on 6 samples\n"
-                     r"  RBF CKA, mean \|token cosine\| between 8 blocks at the last of 50 Euler steps", out)
+                     r"  RBF CKA, mean \|token cosine\| between 8 blocks at t=0.02 of a 50-step Euler trajectory", out)
     assert f"[2/2] {tmp_path / '1.pt'}" in out
     single = real_heatmap(np.eye(8), "x", 0.0, 1.0)
     assert single.size == (28 + 8 * 16 + 12 + 14 + 40, 36 + 8 * 16 + 24)
     assert real_heatmap(np.eye(8), "x" * 100, 0.0, 1.0).width > single.width  # wide enough for its title
-    assert Image.open(tmp_path / "out" / "cka_rbf-trajectory.png").size == (2 * single.width, single.height)
+    assert Image.open(tmp_path / "out" / "cka_rbf-t0.02.png").size == (2 * single.width, single.height)
     results = json.loads((tmp_path / "out" / "similarity.json").read_text())
     first = results[str(tmp_path / "0.pt")]
-    assert first["step"] == 100 and len(first["features"]["trajectory"]["cosine"]) == 8
-    assert {"orthogonality", "mutual_information", "dispersion"} <= first["features"]["trajectory"]["diversity"].keys()
+    assert first["step"] == 100 and len(first["features"]["t=0.02"]["cosine"]) == 8
+    assert {"orthogonality", "mutual_information", "dispersion"} <= first["features"]["t=0.02"]["diversity"].keys()
     # the same inputs for every checkpoint: analysing one checkpoint twice gives the same numbers
     again = analysis.analyse(tmp_path / "0.pt", args, torch.device("cpu"))
-    assert again["features"]["trajectory"]["mean_off_diagonal"] == first["features"]["trajectory"]["mean_off_diagonal"]
+    assert again["features"]["t=0.02"]["mean_off_diagonal"] == first["features"]["t=0.02"]["mean_off_diagonal"]
 
 
 def test_the_weights_flag_picks_the_raw_or_the_ema_weights(tmp_path):
     raw, ema = perturbed_model(0), perturbed_model(1)
     torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "args": {"model": "SiT-Tiny/4"}}, tmp_path / "a.pt")
     torch.save({"model": ema.state_dict(), "ema": raw.state_dict(), "args": {"model": "SiT-Tiny/4"}}, tmp_path / "b.pt")
-    args = argparse.Namespace(ckpt=None, weights="model", metrics=["cka_linear"], num_samples=4, seed=0, data_path=None,
-                              t=None, out=tmp_path / "out", device="cpu")
+    args = argparse.Namespace(ckpt=None, weights="model", metrics=["cka_linear"], num_samples=4, seed=0, t=[0.02],
+                              out=tmp_path / "out", device="cpu")
     mean = lambda path, weights: analysis.analyse(path, argparse.Namespace(**{**vars(args), "weights": weights}),  # noqa: E731
-                                                  torch.device("cpu"))["features"]["trajectory"]["mean_off_diagonal"]
+                                                  torch.device("cpu"))["features"]["t=0.02"]["mean_off_diagonal"]
     assert mean(tmp_path / "a.pt", "model") == mean(tmp_path / "b.pt", "ema") != mean(tmp_path / "a.pt", "ema")
 
 
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     (tmp_path / "notes.md").write_text("# not weights\n")
     args = argparse.Namespace(ckpt=[tmp_path / "notes.md"], weights="ema", metrics=["cka_linear"], num_samples=4,
-                              seed=0, data_path=None, t=None, out=tmp_path / "out", device="cpu")
+                              seed=0, t=[0.02], out=tmp_path / "out", device="cpu")
     with pytest.raises(UserError, match=r"notes.md is not a checkpoint: not a torch file, or a truncated one$"):
         analysis.main(args)
 
 
-def test_features_on_noised_built_in_data(tmp_path):
+def test_features_along_the_trajectory_are_those_of_its_euler_states(tmp_path):
     torch.manual_seed(0)
-    model = build_model("SiT-Tiny/4", input_size=16, in_channels=3, num_classes=10)
+    model = perturbed_model(0).eval()
+    z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    features = analysis.trajectory_features(model, z, y, {50, 45})  # t = 1 (z itself) and t = 0.9 (5 steps in)
+    x = z.double()
+    for k in range(5):  # Euler by hand: dt = −1/50
+        x = x - model(x.float(), torch.full((3,), 1 - k / 50), y).double() / 50
+    for k, state in ((50, z), (45, x)):
+        expected = model(state.float(), torch.full((3,), k / 50), y, return_features=True)[1].blocks
+        for a, b in zip(features[k], expected):
+            torch.testing.assert_close(a, b)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
                 "steps": 1}, tmp_path / "a.pt")
     args = argparse.Namespace(ckpt=[tmp_path / "a.pt"], weights="ema", metrics=["cka_linear"], num_samples=4, seed=0,
-                              data_path="builtin:shapes", t=[0.2, 0.8], out=tmp_path / "out", device="cpu")
+                              t=[0.2, 0.8], out=tmp_path / "out", device="cpu")
     analysis.main(args)
     assert (tmp_path / "out" / "cka_linear-t0.2.png").is_file() and (tmp_path / "out" / "cka_linear-t0.8.png").is_file()
-    with pytest.raises(UserError, match="--data-path"):
-        analysis.main(argparse.Namespace(**{**vars(args), "data_path": None}))
-    with pytest.raises(UserError, match=r"--t must lie in \[0, 1\]"):
-        analysis.main(argparse.Namespace(**{**vars(args), "t": [1.5]}))
-    with pytest.raises(UserError, match="more than the 10000 images"):
-        analysis.main(argparse.Namespace(**{**vars(args), "num_samples": 20_000}))
+    with pytest.raises(UserError, match=r"--t must lie in \[0.01, 1\]"):
+        analysis.main(argparse.Namespace(**{**vars(args), "t": [0.004]}))
 
 
 def test_meanflow_checkpoints_are_analysed_at_r_equal_t(tmp_path):
@@ -139,6 +144,6 @@ def test_meanflow_checkpoints_are_analysed_at_r_equal_t(tmp_path):
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": {"model": "SiT-Tiny/4"},
                 "steps": 3}, tmp_path / "mf.pt")
     args = argparse.Namespace(ckpt=[tmp_path / "mf.pt"], weights="ema", metrics=["cka_linear"], num_samples=4, seed=0,
-                              data_path=None, t=None, out=tmp_path / "out", device="cpu")
+                              t=[0.02], out=tmp_path / "out", device="cpu")
     result = analysis.analyse(tmp_path / "mf.pt", args, torch.device("cpu"))
-    assert len(result["features"]["trajectory"]["cka_linear"]) == 8
+    assert len(result["features"]["t=0.02"]["cka_linear"]) == 8

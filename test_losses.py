@@ -30,30 +30,6 @@ def test_linear_interpolant_and_velocity_target():
     torch.testing.assert_close(v, eps - x)
 
 
-def test_cosine_velocity_is_the_time_derivative_of_the_path():
-    x, eps = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
-    t, h = torch.tensor([0.3, 0.8], dtype=torch.float64), 1e-6
-    _, v = losses.interpolate(x.double(), eps.double(), t, "cosine")
-    plus, _ = losses.interpolate(x.double(), eps.double(), t + h, "cosine")
-    minus, _ = losses.interpolate(x.double(), eps.double(), t - h, "cosine")
-    torch.testing.assert_close(v, (plus - minus) / (2 * h))
-    alpha, sigma, _, _ = losses.interpolant(t, "cosine")
-    torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(t))
-
-
-def test_time_sampling_follows_repa():
-    g = torch.Generator().manual_seed(0)
-    t = losses.sample_time(100_000, "uniform", generator=g)
-    assert t.min() >= 0 and t.max() < 1 and abs(t.mean() - 0.5) < 0.01
-    sigma = torch.randn(5, generator=torch.Generator().manual_seed(1)).exp()
-    t_lin = losses.sample_time(5, "lognormal", "linear", generator=torch.Generator().manual_seed(1))
-    t_cos = losses.sample_time(5, "lognormal", "cosine", generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(t_lin, sigma / (1 + sigma))
-    torch.testing.assert_close(t_cos, 2 / math.pi * torch.atan(sigma))
-    with pytest.raises(ValueError, match="weighting"):
-        losses.sample_time(4, "logit")
-
-
 def test_flow_matching_loss_is_the_per_sample_mean_square():
     v_pred = torch.zeros(2, 4, 2, 2)
     v_target = torch.stack([torch.full((4, 2, 2), 2.0), torch.arange(16.0).view(4, 2, 2)])

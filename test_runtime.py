@@ -12,7 +12,7 @@ import pytest
 
 from runtime import UserError, replace_atomically, run
 
-SCRIPTS = ["train.py", "sample.py", "fid.py", "vae.py", "data.py", "analysis.py", "bench.py", "evaluate.py"]
+SCRIPTS = ["train.py", "sample.py", "fid.py", "data.py", "analysis.py", "bench.py", "evaluate.py"]
 HERE = Path(__file__).parent
 
 

@@ -403,14 +403,6 @@ def test_bf16_sampling_stays_close_to_float32(pixel_checkpoint, tmp_path):
     assert 0 < np.abs(a - b).max() <= 16 and np.abs(a - b).mean() < 2
 
 
-def test_the_sde_is_refused_for_a_cosine_path_model(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": random_model().state_dict(), "ema": random_model().state_dict(),
-                "args": {"model": "SiT-Tiny/4", "path_type": "cosine"}}, path)
-    with pytest.raises(UserError, match="cosine path"):
-        sample.main(sample_args(path, tmp_path, sampler="sde"))
-
-
 def test_latent_models_are_decoded_by_the_vae(sd_vae, tmp_path):
     torch.manual_seed(0)
     model = build_model("SiT-Tiny/2", input_size=4, num_classes=5)  # SD-VAE latents: 4 channels

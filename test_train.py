@@ -144,26 +144,6 @@ def test_resume_needs_only_the_run_directory_and_refuses_changed_settings(tmp_pa
         parse_args(["--resume", str(first / "checkpoints" / "0000002.pt")])
 
 
-def test_a_checkpoint_saved_by_older_code_resumes(tmp_path, stand_in_encoder):
-    """Before the DispLoss rename, the ablation switches and several REPA alignments (an int encoder depth)."""
-    first = run(tmp_path, "--disploss", "--disploss-coeff", "0.5", "--disploss-tau", "2", "--disploss-block", "3",
-                "--repa", "--encoder-depth", "3", "--max-steps", "2", "--save-every", "2")
-    path = first / "checkpoints" / "0000002.pt"
-    ckpt = load(path)
-    old_names = {"disploss": "disp", "disploss_coeff": "disp_coeff", "disploss_tau": "disp_tau",
-                 "disploss_block": "disp_block"}
-    ckpt["args"] = {old_names.get(key, key): value for key, value in ckpt["args"].items()
-                    if key not in ("enc_type", "diversity_terms", "diversity_layers", "adaptive_range",
-                                   "constant_weight", "encoder_dir")}
-    ckpt["args"]["encoder_depth"] = 3
-    torch.save(ckpt, path)
-    args = parse_args(["--resume", str(first), "--max-steps", "4"])
-    assert (args.disploss, args.disploss_coeff, args.disploss_tau, args.disploss_block) == (True, 0.5, 2.0, 3)
-    train.main(args)
-    saved = load(first / "checkpoints" / "0000004.pt")["args"]
-    assert saved["disploss_block"] == 3 and saved["encoder_depth"] == [3] and saved["enc_type"] == ["dinov2-vit-b"]
-
-
 def test_metrics_lines_after_the_checkpoint_and_a_cut_line_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"ste')

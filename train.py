@@ -83,8 +83,6 @@ def build_parser():
     p.add_argument("--mf-t-start", type=float, default=0.0, help="MeanFlow: guide the target where t ≥ this")
     p.add_argument("--mf-t-end", type=float, default=1.0, help="MeanFlow: and t ≤ this (official B/2: [0, 1])")
     p.add_argument("--learn-sigma", action="store_true", help="SiT's 2·C outputs (only for SiT-compatible weights)")
-    p.add_argument("--path-type", choices=["linear", "cosine"], default="linear", help="interpolant (REPA: linear)")
-    p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t sampling (REPA)")
     # Optimisation: REPA's and the authors' release's defaults (the paper: AdamW, lr 1e-4, batch 256, 400K steps)
     p.add_argument("--max-steps", type=int, default=400_000, help="(the paper's Tables 1, 4, 6–9)")
     p.add_argument("--global-batch-size", type=int, default=256, help="split over the processes (the paper)")
@@ -126,11 +124,11 @@ from data import BUILTIN_DATA, InfiniteSampler, open_dataset
 from encoders import check_encoder, load_encoders
 from losses import (DIVERSITY_TERMS, adaptive_weight, disploss, diversity_loss, diversity_pairs,
                     flow_matching_loss, interpolate, meanflow_guided_velocity, meanflow_loss, meanflow_target,
-                    repa_loss, sample_meanflow_times, sample_time, sra_loss, sra_teacher_time)
+                    repa_loss, sample_meanflow_times, sra_loss, sra_teacher_time)
 from models import SIT_SIZES, SiT_models, build_model
 from runtime import (UserError, all_gather, check_finite, check_resumable, close_distributed, create_logger,
                      git_commit, init_distributed, load_checkpoint, local_batch_size, log_metrics, new_run_dir, run,
-                     save_checkpoint, saved_args, truncate_metrics)
+                     save_checkpoint, truncate_metrics)
 from sample import generate, grid_labels, save_grid
 from vae import load_vae, sample_latents
 
@@ -145,9 +143,8 @@ LOGGED = ("loss", *TERMS, "grad_norm")  # every --log-every steps, averaged over
 
 # ---------------------------------------------------------------- the loss terms
 
-def training_losses(model, x, y, images=None, *, path_type="linear", weighting="uniform", block_losses=None,
-                    encoders=(), teacher=None, sra_block=None, sra_t_max=0.2, sra_beta=0.05, meanflow=None,
-                    bf16=False):
+def training_losses(model, x, y, images=None, *, block_losses=None, encoders=(), teacher=None, sra_block=None,
+                    sra_t_max=0.2, sra_beta=0.05, meanflow=None, bf16=False):
     """Every loss term of one step (TERMS) as a float32 scalar, absent terms 0: one forward of `model` (maybe
     DDP-wrapped or compiled) that carries gradients, plus, without them, REPA's encoder, SRA's teacher, MeanFlow's JVP.
 
@@ -161,9 +158,9 @@ def training_losses(model, x, y, images=None, *, path_type="linear", weighting="
     features = block_losses is not None or bool(encoders) or teacher is not None
     eps = torch.randn_like(x)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        if meanflow is None:  # flow matching (SiT, REPA): x_t = α_t·x + σ_t·ε, target v = α'_t·x + σ'_t·ε
-            t = sample_time(len(x), weighting, path_type, device=x.device)  # (N,)
-            x_t, v = interpolate(x, eps, t, path_type)
+        if meanflow is None:  # flow matching (SiT, REPA): x_t = (1 − t)·x + t·ε, target v = ε − x
+            t = torch.rand(len(x), device=x.device)  # (N,), t ~ U(0, 1)
+            x_t, v = interpolate(x, eps, t)
             out = model(x_t, t, y, return_features=features)
             v_pred, feats = out if features else (out, None)
             terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
@@ -174,7 +171,7 @@ def training_losses(model, x, y, images=None, *, path_type="linear", weighting="
             if teacher is not None:
                 t_teacher = sra_teacher_time(t, sra_t_max)
                 with torch.no_grad():  # the EMA teacher, same data, noise and (dropped) labels, less noisy
-                    x_teacher = interpolate(x, eps, t_teacher, path_type)[0]
+                    x_teacher = interpolate(x, eps, t_teacher)[0]
                     teacher_blocks = teacher(x_teacher, t_teacher, feats.labels, return_features=True)[1].blocks
                 terms["sra"] = sra_loss(feats.sra, teacher_blocks[sra_block - 1], sra_beta).mean()
         else:  # MeanFlow's objective (below); of the other terms, only DiverseDiT's combine with it
@@ -299,9 +296,9 @@ def resolve_args(args):
                         *(("--encoder-depth", block) for block in args.encoder_depth or ())]:
         if block is not None and not 1 <= block <= depth:
             raise UserError(f"{flag} {block} is not a block of {args.model} (1..{depth})")
-    if args.meanflow and (args.repa or args.disploss or args.sra or args.learn_sigma or args.path_type != "linear"):
-        raise UserError("--meanflow combines with --diverse (as in the paper), not with --repa, --disploss, --sra, "
-                        "--learn-sigma or another path")
+    if args.meanflow and (args.repa or args.disploss or args.sra or args.learn_sigma):
+        raise UserError("--meanflow combines with --diverse (as in the paper), not with --repa, --disploss, --sra or "
+                        "--learn-sigma")
     if args.meanflow and (args.mf_omega != 1.0 or args.mf_kappa != 0.0) and args.class_dropout_prob == 0:
         raise UserError("MeanFlow's guidance in training needs the null class: --class-dropout-prob > 0, or "
                         "--mf-omega 1 --mf-kappa 0")
@@ -331,7 +328,7 @@ def main(args):
     ckpt, notes = None, []
     if args.resume:  # found first, so that a mismatch is refused before anything heavy is built
         ckpt, ckpt_path, run_dir, notes = load_checkpoint(args.resume, args.results_dir, repair=rank == 0)
-        check_resumable(saved_args(ckpt), args)
+        check_resumable(ckpt["args"], args)
     # Rank 0's own work (the VAE for previews) comes before the first collective, so that its errors end the run
     # instead of leaving the other ranks waiting.
     C, H, _ = dataset.input_shape
@@ -377,10 +374,9 @@ def main(args):
     # The loss terms' settings. L_div stays eager: compiled whole, inductor's backward failed on an H200 with
     # torch 2.11 at SiT-B's width (each of its three terms compiled alone ran), although it would cost less.
     settings = dict(
-        path_type=args.path_type, weighting=args.weighting, bf16=args.precision == "bf16",
-        block_losses=block_losses_for(args, model.depth),
-        encoders=encoders, teacher=compiled(ema) if args.sra else None, sra_block=args.sra_teacher_block,
-        sra_t_max=args.sra_t_max, sra_beta=args.sra_beta, meanflow=(model, args) if args.meanflow else None)
+        bf16=args.precision == "bf16", block_losses=block_losses_for(args, model.depth), encoders=encoders,
+        teacher=compiled(ema) if args.sra else None, sra_block=args.sra_teacher_block, sra_t_max=args.sra_t_max,
+        sra_beta=args.sra_beta, meanflow=(model, args) if args.meanflow else None)
     sampler = InfiniteSampler(len(dataset), local_batch, rank, world_size, args.global_seed, start=step)
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True)
@@ -440,7 +436,7 @@ def parse_args(argv=None):
     p = build_parser()
     known, _ = p.parse_known_args(argv)
     if known.resume:  # the run's own settings become the defaults; flags given now still override them
-        saved = saved_args(load_checkpoint(known.resume, known.results_dir)[0])  # main sets damaged ones aside
+        saved = load_checkpoint(known.resume, known.results_dir)[0]["args"]  # main sets damaged ones aside
         p.set_defaults(**{k: v for k, v in saved.items() if k in vars(known) and k not in ("resume", "results_dir")})
     return p.parse_args(argv)
 

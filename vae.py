@@ -6,9 +6,9 @@ decoders), with the module names of diffusers' AutoencoderKL so that the public
     image (N, 3, H, W) in [-1, 1] --encoder--> quant_conv --> (mean, logvar) of (N, 4, H/8, W/8)
     latent (N, 4, H/8, W/8)       --post_quant_conv--> decoder --> image (N, 3, H, W)
 
-    python vae.py --vae mse        # download the weights into torch's hub cache and check that they load
+To fetch the weights on a machine with internet access (into torch's hub cache): `python -c "import vae;
+vae.load_vae('mse')"`.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -16,22 +16,11 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-
-def build_parser():
-    parser = argparse.ArgumentParser(description="Fetch the SD-VAE weights and check that they load.")
-    parser.add_argument("--vae", default="mse",
-                        help="'ema' or 'mse' (downloaded from Hugging Face), or a local weight file or folder")
-    return parser
-
-
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer here, before the heavy imports below
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import UserError, replace_atomically, run
+from runtime import UserError, replace_atomically
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scale (LDM); latents = sample · LATENT_SCALE, no shift
 LATENT_CHANNELS = 4     # the SD-VAE's latent channels
@@ -274,12 +263,3 @@ def decode_latents(vae, latents, chunk_size=64, bf16=False):
     """Scaled latents (N, 4, h, w) → float32 images (N, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
     return in_chunks(vae, lambda z: vae.decode(z / LATENT_SCALE), latents, chunk_size, bf16)
 
-
-def main(args):
-    path = vae_weights_path(args.vae)
-    vae = load_vae(args.vae)
-    print(f"{path}: SD-VAE with {sum(p.numel() for p in vae.parameters()):,} parameters, sha256 {file_sha256(path)}")
-
-
-if __name__ == "__main__":
-    run(main, build_parser().parse_args())
