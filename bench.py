@@ -6,20 +6,18 @@
     python bench.py fid [--batch-size 50 --num-images 200]
     python bench.py gpu [--model SiT-B/2 --peak-tflops 989.5 --out bench-gpu.json --smoke]
 
-step: a float32 training step of the bare model (forward, backward, AdamW) for SiT, SiT + L_div, SiT + long
-residual connections, and both (DiverseDiT), eager or with --compile; and L_div alone (forward + backward on the
-blocks' outputs of one forward), which resolves its share of a step far more precisely than whole CPU steps do.
-data: samples / s that a synthetic prepared folder (data.py's layout, in the page cache) serves through a shuffling
+step: a float32 training step of the bare model (forward, backward, AdamW) of SiT, SiT + L_div, SiT + long residuals
+and both (DiverseDiT), eager or --compile; and L_div alone, which resolves its share more precisely than whole steps.
+data: samples / s of a synthetic prepared folder (data.py's layout, in the page cache) through a shuffling
 DataLoader, with and without the images REPA needs.
-sampler: sample.py's samplers on the built-in data's workload (3×32×32, 10 classes), each against the bare network
-forwards it makes (the difference is the loop's own cost); and guidance on all of [0, 1] against an interval.
+sampler: sample.py's samplers on the built-in data's workload (3×32×32, 10 classes), each against its bare network
+forwards (the difference is the loop's own cost); and guidance on all of [0, 1] against an interval.
 fid: fid.py's feature extraction rate (random weights and images), and the time and peak memory of precision /
 recall on 20,000 × 10,000 random 2048-d features.
-gpu: everything a user's GPU run depends on, in one run of at most 8 minutes on one CUDA device (`bench_gpu`), as
-one table with targets, also written as JSON (--out, rewritten after each row); without CUDA it refuses, unless
---smoke runs its code path on tiny sizes (the tests do, on the CPU).
-Compared runs are interleaved round after round in a rotated order; a ratio is the median of per-round ratios,
-which cancels slow drifts of the machine's speed. Results print as Markdown tables.
+gpu: everything a user's GPU run depends on (`bench_gpu`), at most 8 minutes on one CUDA device, one table with
+targets, also JSON (--out, rewritten after each row); without CUDA it refuses, unless --smoke (tiny sizes, CPU too).
+Compared runs are interleaved in an order rotated each round; a ratio is the median of per-round ratios, which
+cancels slow drifts of the machine's speed. Results print as Markdown tables.
 """
 import argparse
 import json
@@ -43,9 +41,8 @@ def build_parser():
     parser.add_argument("benchmark", nargs="?", default="step", choices=list(DEFAULTS))
     parser.add_argument("--model", help="default: SiT-B/2 for step, SiT-Tiny/4 for sampler; gpu: train only this "
                                         "one (default: SiT-B/2 and SiT-XL/2)")
-    parser.add_argument("--batch-size", type=int,
-                        help="default: 8 for step, 256 for data, 16 for sampler, 50 for fid, 32 for gpu "
-                             "(the paper's 256 over 8 GPUs)")
+    parser.add_argument("--batch-size", type=int, help="default: 8 for step, 256 for data, 16 for sampler, 50 for "
+                                                       "fid, 32 for gpu (the paper's 256 over 8 GPUs)")
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
     parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
@@ -89,8 +86,7 @@ def clock(device):  # time.perf_counter() once the device has finished the work 
 
 
 def timed_rounds(runs, rounds, warmup, device):
-    """{name: [seconds, one per round]}: each callable of `runs` once per round, in an order rotated every round;
-    the first `warmup` rounds are not timed."""
+    """{name: [s per round]}: each of `runs` once a round, in a rotated order, after `warmup` untimed rounds."""
     names, times = list(runs), {name: [] for name in runs}
     for r in range(warmup + rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -137,9 +133,9 @@ def random_batch(args, num_classes, device):
 
 
 def make_train_step(model, train_args, losses, args, device, compiled=None):
-    """One AdamW step (fused on CUDA, as train.py's) of train.py's objective, `train.total_loss` of
-    `train.training_losses(..., **losses)`, on a fixed `random_batch`, t and ε drawn afresh each step; `compiled`: the
-    torch.compile backend of the network (train.py compiles the network alone), None for eager."""
+    """One AdamW step (fused on CUDA, as train.py's) of `train.total_loss(train.training_losses(..., **losses))` on a
+    fixed `random_batch`, t and ε drawn afresh; `compiled`: the torch.compile backend of the network alone (as
+    train.py), None for eager."""
     x, y, images = random_batch(args, model.num_classes, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.lr, weight_decay=train_args.weight_decay,
                                   fused=device.type == "cuda")
@@ -219,9 +215,9 @@ def bench_data(args, device):  # the DataLoader reads on the CPU, whatever the d
 
 
 def extraction_rate(args, device):
-    """fid.py's Inception features per second (float32, as fid.py: no TF32) of --num-images random --image-size images
-    in batches of --batch-size, after a warm-up batch; random weights, as the speed does not depend on them. The same
-    random batch comes again and again: drawing random images would cost more than reading an .npz."""
+    """fid.py's Inception features / s (float32, no TF32, as fid.py) of --num-images random --image-size images in
+    batches of --batch-size, after a warm-up batch. Random weights: the speed does not depend on them. One random
+    batch, repeated: drawing random images would cost more than reading an .npz."""
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, S, n = fid.FIDInception().eval().to(device), args.image_size, args.batch_size
@@ -372,10 +368,9 @@ def verdict(ok):
 def bench_gpu(args, device):
     """Every figure a user's GPU run depends on (issue 17). Training: bare steps (`make_train_step`; data loading,
     clipping and EMA are `train`'s) under bf16 autocast, eager and compiled, at the paper's batch per GPU and, for SiT,
-    the largest batch that a few doublings of the eager step find to fit. REPA's DINOv2-B is a random-weight stand-in
-    of its size; the sampler, the SD-VAE and the Inception network have random weights too (their speed does not
-    depend on them). The metric suite: its features at the measured rate, plus fid.adm_metrics on random features.
-    --smoke runs the same code on tiny sizes, dynamo's eager backend standing in for inductor."""
+    the largest batch that a few eager doublings find to fit. REPA's DINOv2-B, the sampler, the SD-VAE and the
+    Inception network have random weights (speed does not depend on them). The metric suite: its features at the
+    measured rate, plus fid.adm_metrics on random features. --smoke: tiny sizes, dynamo's eager backend for inductor."""
     if device.type != "cuda" and not args.smoke and args.device is None:
         raise UserError("no CUDA device: `python bench.py gpu` measures a GPU (--smoke runs its code on tiny sizes)")
     smoke = args.smoke or device.type != "cuda"

@@ -61,11 +61,9 @@ def series(rows, quantity, smooth):
 
 
 def draw_curves(runs, path):
-    """One PNG of panels, one per quantity that some run of `runs` ({label: read_run(…)}) logs and not all zero,
-    against step; returns the quantities drawn, in panel order (none: only the legend). Run k is PALETTE[k]
-    everywhere, named in the legend at the top. Training terms are smoothed by an EMA over the logged points (decay
-    EMA_DECAY, bias-corrected), those in LOG_Y on a log y axis; evaluation scores are drawn as they are, a marker
-    per checkpoint."""
+    """One PNG, under a legend of `runs` ({label: read_run(…)}): a panel against step per quantity some run logs, not
+    all zero; returns the quantities drawn, in panel order (none: only the legend). Training terms are smoothed
+    (`series`), those in LOG_Y on a log y axis; evaluation scores are drawn as they are, a marker per checkpoint."""
     panels = {}  # quantity: [(colour, steps, values)], one per run that has it
     for quantity in TRAINING + EVALUATION:
         source = "metrics" if quantity in TRAINING else "eval"
@@ -116,9 +114,8 @@ def draw_panel(draw, font, left, top, quantity, curves):
 
 
 def draw_milestones(rows, path):
-    """One PNG, a row per (step, images) of `rows`, images (n, H, W, 3) uint8 from the same noise and labels at
-    each step (the paper's samples at different iterations), the step at the left, GAP-px white gaps. Small images
-    are enlarged by an integer factor (nearest neighbour) to a cell side of at least MIN_CELL px."""
+    """One PNG, a row per (step, images (n, H, W, 3) uint8) of `rows`, the same noise and labels at each step (the
+    paper's samples at different iterations); small images enlarged by an integer factor (nearest neighbour)."""
     shape = rows[0][1].shape
     if any(images.shape != shape for _, images in rows):
         raise ValueError(f"every milestone needs images of one shape, got {[images.shape for _, images in rows]}")

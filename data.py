@@ -92,9 +92,8 @@ def read_metadata(path):
 
 
 class PreparedDataset(Dataset):
-    """A folder written by `python data.py`: (moments (8, h, w) float32, label) or (moments, label, image) items,
-    without the images skipped as unreadable. The arrays are memory-mapped in each DataLoader worker on first use,
-    so that workers share the page cache instead of copies."""
+    """A folder written by `python data.py`, less the images skipped as unreadable. The arrays are memory-mapped in
+    each DataLoader worker on first use, so that workers share the page cache instead of copies."""
 
     latent = True  # x holds VAE posterior moments: train on vae.sample_latents(x)
 
@@ -114,9 +113,9 @@ class PreparedDataset(Dataset):
         self.images, self.classes, self.image_size = images, meta["classes"], meta["image_size"]
         self.num_classes, h = len(self.classes), self.image_size // DOWNSAMPLING
         self.input_shape = (LATENT_CHANNELS, h, h)  # what the model sees
-        self._arrays = None  # the memory maps, opened lazily in each process
+        self._arrays = None
 
-    def __getstate__(self):  # DataLoader workers re-open the memory maps instead of receiving their contents
+    def __getstate__(self):  # workers re-open the memory maps instead of receiving their contents
         return {**self.__dict__, "_arrays": None}
 
     def __len__(self):
@@ -169,8 +168,7 @@ def render_shape(shape, image_size, rng):
 
 class ShapesDataset(Dataset):
     """10 classes of coloured shapes (disk, square, diamond, triangle, ring, plus, cross, frame, two bars). Image i
-    has label i mod 10 and is drawn from a generator seeded with (seed, i): the same images in every process, with
-    no download and no disk. Items are as PreparedDataset's, with x the image in [-1, 1] (pixel space, no VAE)."""
+    has label i mod 10, drawn from a generator seeded with (seed, i): the same images in every process, no disk."""
 
     latent = False
     num_classes = 10
@@ -222,11 +220,9 @@ BUILTIN_DATA = "builtin:shapes"  # the --data-path that names ShapesDataset (pix
 
 class InfiniteSampler(Sampler):
     """This rank's sample indices, endlessly, from global batch `start` on (as edm2's sampler takes a start index).
-
     Epoch e shuffles all indices with a generator seeded with (seed + e), keeps a multiple of the global batch and
-    deals them out round-robin over the ranks. Started at the steps already trained, a resumed run sees exactly
-    the data an uninterrupted one would (each global batch is the same on any number of processes).
-    """
+    deals them round-robin over the ranks: a resumed run, started at the steps already trained, sees exactly the
+    data an uninterrupted one would (each global batch is the same on any number of processes)."""
 
     def __init__(self, num_samples, local_batch, rank, world_size, seed, start=0):
         self.num_samples, self.local_batch, self.rank, self.world_size, self.seed, self.start = (
@@ -342,7 +338,7 @@ def main(args):
     # Rank 0 lists and hashes before the first barrier: on a slow file system, longer than the default 10 minutes.
     rank, world_size, device = init_distributed(timeout=timedelta(hours=2))
     out = Path(args.out)
-    if rank == 0:  # lists the images, fetches and loads the weights, then creates or checks the folder; others wait
+    if rank == 0:  # the others wait
         files, labels, classes = list_image_folder(args.data_path)
         vae = load_vae(args.vae, device)  # before the folder exists: weights that do not load leave nothing behind
         meta = {"format": FORMAT_VERSION, "image_size": args.image_size, "images": args.images,

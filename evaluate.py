@@ -6,9 +6,8 @@ curves and milestone samples drawn (the paper's Table 1 at 400K, its samples at 
     python evaluate.py results-ab/* --ref builtin:shapes --sampler euler --num-samples 2000  # the built-in data
 
 For each checkpoint not yet scored with these settings: --num-samples images as sample.py's FID batch (resumable),
-then fid.py's metrics against --ref, in this process (IS, FID, sFID, precision, recall). On the built-in data, whose
-16-px shapes Inception cannot judge, the score is the Fréchet distance in the features of data.shapes_classifier and
-that classifier's accuracy on the samples' labels. Then RUN/curves.png (training terms and scores against steps),
+then fid.py's metrics against --ref, in this process (IS, FID, sFID, precision, recall); on the built-in data, whose
+16-px shapes Inception cannot judge, `builtin_metrics`. Then RUN/curves.png (training terms and scores against steps),
 RUN/milestones.png (EMA samples of every checkpoint from the same noise) and, for several runs, --out side by side.
 An interrupted call, repeated, continues; scored checkpoints are skipped.
 """
@@ -62,8 +61,7 @@ SETTINGS = ("num_samples", "sampler", "num_steps", "cfg_scale", "guidance_interv
 
 
 def sample_args(args, ckpt):
-    """sample.py's arguments for this checkpoint's FID batch: its defaults, the flags both scripts share, checked as
-    sample.py checks them."""
+    """sample.py's arguments for this checkpoint's FID batch: its defaults and the flags both share, checked by it."""
     defaults = vars(sample.build_parser().parse_args(["--ckpt", str(ckpt)]))
     shared = {key: value for key, value in vars(args).items() if key in defaults}
     sargs = argparse.Namespace(**{**defaults, **shared, "ckpt": str(ckpt), "num_fid_samples": args.num_samples})
@@ -156,8 +154,8 @@ def main(args):
         source = fid.open_source(args.ref)
         inception = fid.load_inception(args.inception, device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as fid.py
-        reference = {"source": source, "features": fid.extract_features(inception, source, args.batch_size, rank,
-                                                                         world_size, "reference"),
+        features = fid.extract_features(inception, source, args.batch_size, rank, world_size, "reference")
+        reference = {"source": source, "features": features,
                      "sha256": file_sha256(args.ref) if Path(args.ref).is_file() else str(Path(args.ref).resolve())}
     for run_dir in runs:
         score(run_dir, args, reference, inception, rank, world_size, device)

@@ -5,9 +5,9 @@
     python fid.py samples/NAME --save-stats NAME-stats.npz              # statistics of one input, for reuse
 
 REF and SAMPLES may each be an `.npz` with `arr_0` (N, H, W, 3) uint8 (ADM's batches; sample.py writes them), a
-folder of images, or a statistics file saved with --save-stats. A reference that carries `mu, sigma, mu_s,
-sigma_s` (ADM's do) supplies its FID / sFID statistics, as in the ADM evaluator; its images still serve precision
-and recall. Results are printed and written as JSON (`--out`).
+folder of images, or a --save-stats file. A reference that carries `mu, sigma, mu_s, sigma_s` (ADM's do) supplies its
+FID / sFID statistics, as in the ADM evaluator; its images still serve precision and recall. Results are printed and
+written as JSON (`--out`).
 
 The network is the FID Inception (TensorFlow's 2015-12-05 graph) in torchvision's layout, as pytorch-fid and
 torch-fidelity port it, after TensorFlow-1's bilinear resize to 299×299 and (x − 128)/128. Its pool_3 features
@@ -104,17 +104,15 @@ class InceptionFeatures(NamedTuple):
 
 def tf1_resize_bilinear(x, size):
     """TensorFlow-1's `resize_bilinear` (align_corners=False: no half-pixel centres, no antialiasing): output pixel
-    d samples the input at d·(in/out) in float32, between its floor and the next pixel (clamped to the edge), along
-    x, then y, in TF's order of operations. x: (N, C, H, W) → (N, C, size, size), channels-last in memory (what the
-    convolutions run fastest on here)."""
+    d samples the input at d·(in/out) in float32, between its floor and the next pixel (clamped), along x, then y,
+    in TF's order of operations. x: (N, C, H, W) → (N, C, size, size), channels-last (fastest for the convolutions)."""
     def axis(n_in):
         src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size)
         lo = src.floor().long()
         return lo, (lo + 1).clamp(max=n_in - 1), src - lo  # (size,) each
     nhwc = x.permute(0, 2, 3, 1).contiguous()                                   # (N, H, W, C)
     (y0, y1, dy), (x0, x1, dx) = axis(nhwc.shape[1]), axis(nhwc.shape[2])
-    # Every source row interpolated along x once; output row d then takes rows y0[d] and y1[d] of it. Same
-    # operations as TF (top = tl + (tr − tl)·dx, …), with half the column gathers.
+    # Along x once per source row, then rows y0[d], y1[d] along y: TF's ops (tl + (tr − tl)·dx, …), half the gathers
     left = nhwc.index_select(2, x0)
     rows = left + (nhwc.index_select(2, x1) - left) * dx[:, None]              # (N, H, size, C)
     top, bottom = rows.index_select(1, y0), rows.index_select(1, y1)            # (N, size, size, C)
@@ -152,8 +150,8 @@ def load_inception(path=None, device="cpu"):
         try:
             torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix="6726825d", progress=True)
         except (OSError, RuntimeError) as e:  # no network, or a file whose hash does not match
-            raise UserError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}). Download "
-                            f"the file where there is internet and pass it as --inception PATH.") from None
+            raise UserError(f"could not download the FID Inception weights from {INCEPTION_URL} ({e}); download it "
+                            f"elsewhere and pass it as --inception PATH") from None
     path = Path(path or cached)
     if not path.is_file():
         raise UserError(f"--inception {path} does not exist (the weights are at {INCEPTION_URL})")
@@ -348,8 +346,7 @@ def adm_metrics(ref, ref_features, samples, sample_features):
 
 
 def main(args):
-    # The inputs are checked before any weights are loaded (or downloaded). Each must hold enough images for its
-    # metrics: a covariance (FID, sFID) needs 2, precision and recall a point and its k nearest neighbours.
+    # The inputs are checked before any weights are loaded (or downloaded).
     if bool(args.save_stats) == (args.samples is not None):
         raise UserError("give a reference and a sample batch (python fid.py REF SAMPLES), or one input with "
                         "--save-stats (python fid.py INPUT --save-stats OUT.npz)")

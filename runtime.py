@@ -20,11 +20,9 @@ import torchvision
 
 
 def init_distributed(timeout=None):
-    """(rank, world_size, device) of this process; `timeout` bounds each collective (torch's default if None).
-
-    Under torchrun: NCCL on GPUs, gloo on CPUs, the GPU from LOCAL_RANK (the global rank would index past the GPUs
-    of a node on the second node: DiT #79, SiT #8). Without torchrun: rank 0 of 1, on CUDA if present.
-    """
+    """(rank, world_size, device); `timeout` bounds each collective (torch's default if None). Under torchrun: NCCL on
+    GPUs, gloo on CPUs, the GPU from LOCAL_RANK (the global rank would index past a node's GPUs on the second node:
+    DiT #79, SiT #8). Without torchrun: rank 0 of 1, on CUDA if present."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     exit_with_parent()
@@ -39,8 +37,7 @@ def init_distributed(timeout=None):
 
 
 def exit_with_parent():
-    """Ask Linux to send this process SIGTERM when its parent dies: a worker whose torchrun agent was killed would
-    otherwise train on unsupervised. Elsewhere it does nothing."""
+    """On Linux, SIGTERM this process when its parent dies: else a worker whose torchrun agent died trains on alone."""
     if sys.platform == "linux":
         parent = os.getppid()
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
@@ -92,10 +89,9 @@ def temporary_path(path):  # where `replace_atomically` writes `path` before ren
 
 @contextlib.contextmanager
 def replace_atomically(path):
-    """Yield a temporary path beside `path` to write to; when the block ends without error, rename it over `path`
-    and sync the folder (so that the rename survives a power cut): a run killed at any moment leaves the old file or
-    the new one, never a truncated one. On an error the temporary file is removed; a full disk is reported as an
-    OSError(ENOSPC) naming `path`."""
+    """Yield a temporary path beside `path`; if the block succeeds, rename it over `path` and sync the folder (the
+    rename survives a power cut): a run killed at any moment leaves the old file or the new, never a truncated one.
+    On an error the temporary is removed; a full disk is an OSError(ENOSPC) naming `path`."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -212,8 +208,7 @@ def truncate_metrics(path, step):
 
 
 def save_checkpoint_file(obj, path):
-    """torch.save through `replace_atomically`, flushed to disk: a run killed (or a machine that loses power) at any
-    moment leaves the old file intact. A full disk is one line that names the checkpoint still intact."""
+    """torch.save through `replace_atomically`, fsynced; a full disk is one line naming the checkpoint still intact."""
     try:
         with replace_atomically(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -244,7 +239,7 @@ def check_finite(history, names, first_step, run_dir, world_size):
 
 
 def save_checkpoint(path, model, ema, optimizer, args, step, rank, world_size, logger):
-    """Rank 0 saves (after checking the ranks' weights agree) and prunes; the others wait."""
+    """Rank 0 saves (once the ranks' weights agree) and prunes; the others wait."""
     weight_sums = all_gather(float(sum(p.detach().double().sum() for p in model.parameters())), world_size)
     if len(set(weight_sums)) > 1:
         raise RuntimeError(f"the ranks' weights differ at step {step} (sums {weight_sums})")

@@ -5,8 +5,8 @@
         --sampler sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7   # PNGs, then one .npz (arr_0)
 
 CKPT is a training checkpoint of this project (EMA weights unless --weights model), the official SiT-XL/2
-file, or REPA's last.pt. Every setting is printed and saved beside the outputs (`<name>.json`); a run interrupted
-and started again with the same command continues where it stopped and ends with the same files.
+file, or REPA's last.pt. Every setting is printed and saved beside the outputs (`<name>.json`); an interrupted run,
+started again with the same command, continues and ends with the same files.
 Time convention (REPA's): samplers integrate from t = 1 (noise) to t = 0 (data).
 """
 import argparse
@@ -63,24 +63,22 @@ GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid (
 
 
 def grid_labels(num_classes, classes=None, per_class=4):
-    """(len(classes)·per_class,) labels, one class per grid row: by default DiT's grid classes on ImageNet, else the
-    first 8 classes."""
+    """(len(classes)·per_class,) labels, a class per grid row; default: DiT's grid classes on ImageNet, else 0–7."""
     classes = classes or (GRID_CLASSES if num_classes == 1000 else [*range(min(8, num_classes))])
     return torch.tensor([c for c in classes for _ in range(per_class)])
 
 
 def guidance_at(t, cfg_scale, interval):
-    """The guidance scale of a step that starts at time t: cfg_scale inside [low, high], else 1 (no guidance).
-    REPA guides only when cfg_scale > 1; here any scale other than 1 guides (the two agree on every scale the papers
-    use). The paper's Tables 2–3 use "the same guidance interval as REPA" without giving it, so the default interval
-    is all of [0, 1]; REPA's README command uses high = 0.7."""
+    """The guidance scale of a step starting at t: cfg_scale inside [low, high], else 1. REPA guides only when
+    cfg_scale > 1, here any scale ≠ 1 does (they agree on the papers' scales). Tables 2–3 use "the same guidance
+    interval as REPA" without giving it: the default is all of [0, 1] (REPA's README command uses high = 0.7)."""
     low, high = interval
     return cfg_scale if low <= t <= high else 1.0
 
 
 def velocity(model, x, t, y, cfg_scale):
     """v(x, t | y) as float64, guided with cfg_scale on all channels. x: (N, C, H, W) float64; t: a scalar.
-    The network runs in float32 (or the caller's autocast) while the sampler accumulates in float64, as REPA's."""
+    The network runs in float32 (or the caller's autocast), the sampler accumulates in float64 (REPA)."""
     t_batch = torch.full((len(x),), float(t), device=x.device)  # (N,)
     return model.forward_with_cfg(x.float(), t_batch, y, cfg_scale).double()
 
@@ -90,8 +88,8 @@ def euler_sampler(model, z, y, num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
     """The probability-flow ODE dx/dt = v(x, t | y), integrated from x = z at t = 1 to t = 0 on a uniform grid:
 
     Euler:  x_{k+1} = x_k + (t_{k+1} − t_k)·v(x_k, t_k);
-    Heun:   x_{k+1} = x_k + (t_{k+1} − t_k)·(v(x_k, t_k) + v(x̃_{k+1}, t_{k+1}))/2, x̃_{k+1} the Euler step, on every
-            step but the last, which stays Euler (as REPA and EDM; it would evaluate the network at t = 0).
+    Heun:   x_{k+1} = x_k + (t_{k+1} − t_k)·(v(x_k, t_k) + v(x̃_{k+1}, t_{k+1}))/2, x̃_{k+1} the Euler step; the last
+            step stays Euler (as REPA and EDM; it would evaluate the network at t = 0).
     Guidance is decided once per step, at its start time (as REPA), so both slopes of a Heun step share one field."""
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     x = z.double()
@@ -124,11 +122,9 @@ def euler_maruyama_sampler(model, z, y, num_steps=250, cfg_scale=1.0, interval=(
         w = 2 * t_cur
         v = velocity(model, x, t_cur, y, guidance_at(t_cur, cfg_scale, interval))
         score = -((1 - t_cur) * v + x) / t_cur
-        drift = v - 0.5 * w * score
-        if k < num_steps - 1:
-            x = x + drift * dt + torch.sqrt(w) * (noise(x) * torch.sqrt(dt.abs()))
-        else:  # the last step, to t = 0: its mean
-            x = x + drift * dt
+        x = x + (v - 0.5 * w * score) * dt
+        if k < num_steps - 1:  # the last step, to t = 0, is the mean: no noise
+            x = x + torch.sqrt(w) * (noise(x) * torch.sqrt(dt.abs()))
     return x.float()
 
 
@@ -151,8 +147,8 @@ def model_evaluations(sampler, num_steps):
 
 
 class SampleRandomness:
-    """One random stream per sample index i, from numpy's generator seeded with (seed, i): sample i's label, starting
-    noise and SDE noise do not depend on its batch, the number of processes, or an interruption."""
+    """One random stream per sample index i, numpy's generator seeded with (seed, i): sample i's label, starting noise
+    and SDE noise do not depend on its batch, the number of processes, or an interruption."""
 
     def __init__(self, seed, indices):
         self.rngs = [np.random.default_rng([seed, i]) for i in indices]
@@ -228,15 +224,15 @@ def beside(path, suffix):
 
 
 def load_sampling_model(path, weights="ema", model_name=None):
-    """(network in eval mode, description) for a checkpoint of one of three kinds:
+    """(network in eval mode, description) for a checkpoint of one of three kinds, told apart by their keys:
 
     - this project's training checkpoint: a dict with "model", "ema" and "args" (a dict); `weights` picks the set;
     - REPA's last.pt: a bare state dict with projectors and 4 output channels, in REPA's time convention (ours);
-    - the official SiT-XL-2-256.pt: a bare state dict without projectors and with learn_sigma's 8 output channels,
-      in SiT's time convention (t = 1 data), which the model converts (`sit_time=True`).
+    - the official SiT-XL-2-256.pt: bare, no projectors, learn_sigma's 8 output channels, in SiT's time convention
+      (t = 1 data), which the model converts (`sit_time=True`).
     Any other file is refused, saying what it holds: its time convention cannot be known. The architecture is read
-    off the weights; the training-only heads (REPA projectors, SRA head) are not built; the rest loads strictly.
-    DiT's checkpoints have SiT's exact layout but predict ε: they cannot be told apart, and give noise here."""
+    off the weights; training-only heads (REPA projectors, SRA head) are not built; the rest loads strictly.
+    DiT's checkpoints have SiT's layout but predict ε: they cannot be told apart, and give noise here."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ckpt {path} does not exist")
@@ -255,13 +251,12 @@ def load_sampling_model(path, weights="ema", model_name=None):
         state_dict, train_args, kind = ckpt[weights], ckpt["args"], "DiverseDiT training checkpoint"
     else:
         if not (isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())):
-            keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
+            keys = f" with keys {list(ckpt)[:8]}" if isinstance(ckpt, dict) and ckpt else ""
             raise UserError(f"{path} is neither a training checkpoint of this project (a dict with model, ema and "
-                            f"args) nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}"
-                            + (f" with keys {keys}" if keys else ""))
+                            f"args) nor a SiT / REPA state dict of tensors; it holds a {type(ckpt).__name__}{keys}")
         if weights != "ema":
-            raise UserError(f"{path} is a bare state dict, which holds one set of weights (the released EMA); "
-                            f"--weights {weights} applies to this project's training checkpoints only")
+            raise UserError(f"{path} is a bare state dict, one set of weights (the released EMA): --weights {weights} "
+                            f"is for this project's training checkpoints only")
         if any(key.startswith("module.") for key in ckpt):
             raise UserError(f"{path}: keys start with 'module.' (saved from a DDP wrapper); strip that prefix first")
         state_dict, train_args, kind = ckpt, {}, "a bare state dict"
@@ -272,13 +267,13 @@ def load_sampling_model(path, weights="ema", model_name=None):
     sit_time = not training and config["learn_sigma"]
     if not training:  # the official SiT file or REPA's last.pt, told apart by their heads
         projectors = any(key.startswith("projectors.") for key in state_dict)
-        ours = [head for head in ("skip_linears.", "sra_head.") if any(key.startswith(head) for key in state_dict)]
+        ours = [head for head in ("skip_linears", "sra_head") if any(key.startswith(head + ".") for key in state_dict)]
         if ours or projectors == config["learn_sigma"]:
-            raise UserError(f"{path} is a bare state dict that is neither the official SiT file (learn_sigma, no "
+            also = f", {' and '.join(ours)}" if ours else ""
+            raise UserError(f"{path} is a bare state dict, neither the official SiT file (learn_sigma, no "
                             f"projectors) nor REPA's last.pt (projectors, no learn_sigma): it has learn_sigma="
-                            f"{config['learn_sigma']}, projectors={projectors}"
-                            + (f", {' and '.join(h.rstrip('.') for h in ours)}" if ours else "")
-                            + ". Its time convention is unknown; sample from the training checkpoint it came from.")
+                            f"{config['learn_sigma']}, projectors={projectors}{also}, so its time convention is "
+                            f"unknown: sample from the training checkpoint it came from.")
         kind = "SiT state dict (SiT's time convention)" if sit_time else "REPA state dict (REPA's time convention)"
     for claimed, source in ((model_name, "--model"), (train_args.get("model"), "its training arguments")):
         if claimed is not None and claimed != name:
@@ -295,7 +290,7 @@ def load_sampling_model(path, weights="ema", model_name=None):
 
 def run_name(args, description):
     """The outputs' name, DiT / SiT style: the checkpoint (run folder and step for a training checkpoint), the model
-    where that name does not already say it, and every setting that changes the images."""
+    unless that name says it, and every setting that changes the images."""
     ckpt = Path(args.ckpt)
     stem = f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
     model = description["model"].replace("/", "-")
@@ -326,9 +321,8 @@ def settings_record(args, description, labels):
 
 
 def draw(model, vae, args, batches, labels=None, disable=False):
-    """Yield (batch, uint8 images (N, H, W, 3)) for each batch of sample indices, under a progress bar over images
-    that also shows the network evaluation reached within the batch being drawn (one batch may be all there is, and
-    take minutes on a CPU): a forward hook on the model counts the evaluations."""
+    """Yield (batch, uint8 images (N, H, W, 3)) per batch of sample indices, under a progress bar over images that
+    also shows (by a forward hook) the evaluation reached within the batch: one batch may take minutes on a CPU."""
     evaluations = model_evaluations(args.sampler, args.num_steps)
     settings = dict(seed=args.seed, sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
                     interval=(args.guidance_low, args.guidance_high), bf16=args.precision == "bf16")
@@ -368,7 +362,7 @@ def check_args(args):
 
 def sample_outputs(args, rank, world_size, device):
     """The grid or the FID batch of `args` (checked by `main`); returns (their path without suffix, the model's
-    description). evaluate.py calls it for each checkpoint of a run."""
+    description). evaluate.py calls it per checkpoint."""
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
     meanflow = description["meanflow"]
     if meanflow != (args.sampler == "meanflow"):
@@ -394,7 +388,7 @@ def sample_grid(model, vae, args, description, stem):
     classes = labels[::args.images_per_class].tolist()
     settings = {**settings_record(args, description, classes), "images_per_class": args.images_per_class}
     print(json.dumps(settings, indent=1))
-    stem = stem.parent / f"{stem.name}-grid-{'-'.join(map(str, classes))}-x{args.images_per_class}"
+    stem = beside(stem, f"-grid-{'-'.join(map(str, classes))}-x{args.images_per_class}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     batches = [batch.tolist() for batch in torch.arange(len(labels)).split(args.per_proc_batch_size)]
     images = torch.cat([images for _, images in draw(model, vae, args, batches, labels)])  # (N, H, W, 3)
@@ -409,8 +403,8 @@ def sample_grid(model, vae, args, description, stem):
 
 def sample_fid_batch(model, vae, args, description, folder, rank, world_size):
     """folder/000000.png … and folder.npz: exactly `num_fid_samples` images (DiT / REPA round up to a multiple of the
-    global batch and drop the extras), labels uniform per sample, split over ranks. A run continued after an
-    interruption must have the same settings (checked against folder.json) and writes only the missing batches."""
+    global batch and drop the extras), labels uniform per sample, split over ranks. A continued run must have the
+    settings of folder.json, and writes only the missing batches."""
     if rank == 0:
         settings = settings_record(args, description, "uniform random per sample")
         print(json.dumps(settings, indent=1))

@@ -45,8 +45,8 @@ def build_parser():
     p.add_argument("--results-dir", default="results", help="where the numbered run folders go")
     p.add_argument("--resume", default=None, help="a run folder (its newest checkpoint that loads), its number alone "
                                                   "(3, or results/003), or one of its checkpoints")
-    # Method switches (the defaults of L_div's settings are losses.py's DIVERSITY_TERMS, DIVERSITY_LAYERS and
-    # ADAPTIVE_WEIGHT_RANGE, written out here so that --help needs no torch)
+    # Method switches (L_div's defaults copy losses.py's DIVERSITY_TERMS, DIVERSITY_LAYERS, ADAPTIVE_WEIGHT_RANGE:
+    # --help needs no torch)
     p.add_argument("--diverse", action="store_true", help="DiverseDiT: --long-residual and --diversity-loss")
     p.add_argument("--long-residual", action="store_true", help="long residual connections (paper Sec. 3.1)")
     p.add_argument("--diversity-loss", action="store_true", help="L_div with its adaptive weight (paper Sec. 3.2)")
@@ -61,8 +61,8 @@ def build_parser():
     p.add_argument("--enc-type", type=comma_list(str), default=["dinov2-vit-b"],
                    help="REPA's encoders, comma-separated (encoders.ENCODERS; REPA, the paper: DINOv2-B)")
     p.add_argument("--encoder-depth", type=comma_list(int), default=None,
-                   help="REPA's aligned blocks, comma-separated, one per encoder, one for all encoders, or one encoder "
-                        "at each (default: the paper's Table A1, 5 for B, 8 for L and XL)")
+                   help="REPA's aligned blocks, comma-separated: one per encoder, one for all, or one encoder at each "
+                        "(default: the paper's Table A1, 5 for B, 8 for L and XL)")
     p.add_argument("--encoder-dir", default="ckpts", help="the folder of MAE's and MoCo v3's published weight files")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA's λ (REPA, the paper)")
     p.add_argument("--projector-dim", type=int, default=2048, help="REPA projector's hidden width (REPA)")
@@ -146,14 +146,12 @@ LOGGED = ("loss", *TERMS, "grad_norm")  # every --log-every steps, averaged over
 def training_losses(model, x, y, images=None, *, block_losses=None, encoders=(), teacher=None, sra_block=None,
                     sra_t_max=0.2, sra_beta=0.05, meanflow=None, bf16=False):
     """Every loss term of one step (TERMS) as a float32 scalar, absent terms 0: one forward of `model` (maybe
-    DDP-wrapped or compiled) that carries gradients, plus, without them, REPA's encoder, SRA's teacher, MeanFlow's JVP.
-
-    x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8, REPA's encoder input.
+    DDP-wrapped or compiled) with gradients, plus, without them, REPA's encoder, SRA's teacher, MeanFlow's JVP.
+    x: (N, C, H, W) clean latents or pixels; y: (N,) labels; images: (N, 3, S, S) uint8, REPA's encoder input;
     block_losses: the blocks' outputs → DiverseDiT's and DispLoss's terms (`block_losses_for`);
     encoders: REPA's target encoder of each projector (an encoder may serve several blocks);
     teacher: SRA's EMA teacher, aligned at its `sra_block` (1-indexed);
-    meanflow: (the bare network, its guidance settings) for MeanFlow's objective instead of flow matching.
-    """
+    meanflow: (the bare network, its guidance settings) for MeanFlow's objective instead of flow matching."""
     terms = dict.fromkeys(TERMS, x.new_zeros(()))
     features = block_losses is not None or bool(encoders) or teacher is not None
     eps = torch.randn_like(x)
@@ -213,9 +211,7 @@ def run_pairs(args, depth):
 
 def total_loss(terms, args):
     """L = L_fm + λ_REPA·L_REPA + w(L_div)·L_div + λ_DispLoss·L_DispLoss + λ_SRA·L_SRA (absent terms are 0).
-
-    λ_SRA is a constant: SRA decays it only after epoch 149, beyond the 80 epochs of the papers' 400K steps at
-    batch 256."""
+    λ_SRA is constant: SRA decays it only after epoch 149, past the papers' 80 epochs (400K steps at batch 256)."""
     return (terms["fm"] + args.proj_coeff * terms["repa"] + terms["w"] * terms["div"]
             + args.disploss_coeff * terms["disploss"] + args.sra_coeff * terms["sra"])
 
@@ -347,8 +343,7 @@ def main(args):
     horizon = 1 / (1 - args.ema_decay) if args.ema_decay < 1 else math.inf
     if args.max_steps < horizon:
         logger.info(f"EMA decay {args.ema_decay} averages over about {horizon:,.0f} steps, more than this run's "
-                    f"{args.max_steps:,}: the EMA weights (previews, checkpoints) will still show mostly the initial "
-                    f"network; use e.g. --ema-decay 0.99 for short runs")
+                    f"{args.max_steps:,}: the EMA weights will show mostly the initial network; try --ema-decay 0.99")
 
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank
     model = build_model(args.model, input_size=H, in_channels=C, num_classes=dataset.num_classes,
@@ -432,10 +427,10 @@ def main(args):
 
 
 def parse_args(argv=None):
-    """The flags; with --resume, those the run was started with are the defaults (so --resume RUN_DIR suffices)."""
+    """The flags; with --resume, the run's own are the defaults (--resume RUN_DIR suffices), flags given now win."""
     p = build_parser()
     known, _ = p.parse_known_args(argv)
-    if known.resume:  # the run's own settings become the defaults; flags given now still override them
+    if known.resume:
         saved = load_checkpoint(known.resume, known.results_dir)[0]["args"]  # main sets damaged ones aside
         p.set_defaults(**{k: v for k, v in saved.items() if k in vars(known) and k not in ("resume", "results_dir")})
     return p.parse_args(argv)

@@ -197,8 +197,8 @@ def vae_weights_path(source):
                 folder.rmdir()
             if not isinstance(e, OSError):  # urllib's URLError included
                 raise
-            raise UserError(f"could not download the SD-VAE weights from {url} ({e}). Download that file on a machine "
-                            f"with internet access and pass its path (or its folder) as --vae PATH.") from None
+            raise UserError(f"could not download the SD-VAE weights from {url} ({e}); download it elsewhere and "
+                            f"pass it (or its folder) as --vae PATH") from None
         return path
     path = Path(source)
     if path.is_dir():
