@@ -2,18 +2,12 @@
 
     python bench.py step [--model SiT-B/2 --batch-size 8 --steps 10 --compile]
     python bench.py data [--batch-size 256 --num-workers 2 --num-images 4096]
-    python bench.py sampler [--model SiT-Tiny/4 --batch-size 16 --num-steps 50 --steps 10]
-    python bench.py fid [--batch-size 50 --num-images 200]
     python bench.py gpu [--model SiT-B/2 --peak-tflops 989.5 --out bench-gpu.json --smoke]
 
 step: a float32 training step of the bare model (forward, backward, AdamW) of SiT, SiT + L_div, SiT + long residuals
 and both (DiverseDiT), eager or --compile; and L_div alone, which resolves its share more precisely than whole steps.
 data: samples / s of a synthetic prepared folder (data.py's layout, in the page cache) through a shuffling
 DataLoader, with and without the images REPA needs.
-sampler: sample.py's samplers on the built-in data's workload (3×32×32, 10 classes), each against its bare network
-forwards (the difference is the loop's own cost); and guidance on all of [0, 1] against an interval.
-fid: fid.py's feature extraction rate (random weights and images), and the time and peak memory of precision /
-recall on 20,000 × 10,000 random 2048-d features.
 gpu: everything a user's GPU run depends on (`bench_gpu`), at most 8 minutes on one CUDA device, one table with
 targets, also JSON (--out, rewritten after each row); without CUDA it refuses, unless --smoke (tiny sizes, CPU too).
 Compared runs are interleaved in an order rotated each round; a ratio is the median of per-round ratios, which
@@ -21,7 +15,6 @@ cancels slow drifts of the machine's speed. Results print as Markdown tables.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,26 +25,23 @@ from types import SimpleNamespace
 
 DEFAULTS = {  # benchmark: the defaults of its flags left unset
     "step": {"model": "SiT-B/2", "batch_size": 8}, "data": {"batch_size": 256, "num_images": 4096},
-    "sampler": {"model": "SiT-Tiny/4", "batch_size": 16},
-    "fid": {"batch_size": 50, "num_images": 200}, "gpu": {"batch_size": 32}}
+    "gpu": {"batch_size": 32}}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", nargs="?", default="step", choices=list(DEFAULTS))
-    parser.add_argument("--model", help="default: SiT-B/2 for step, SiT-Tiny/4 for sampler; gpu: train only this "
-                                        "one (default: SiT-B/2 and SiT-XL/2)")
-    parser.add_argument("--batch-size", type=int, help="default: 8 for step, 256 for data, 16 for sampler, 50 for "
-                                                       "fid, 32 for gpu (the paper's 256 over 8 GPUs)")
+    parser.add_argument("--model", help="default: SiT-B/2 for step; gpu: train only this one (default: SiT-B/2 and "
+                                        "SiT-XL/2)")
+    parser.add_argument("--batch-size", type=int, help="default: 8 for step, 256 for data, 32 for gpu (the paper's "
+                                                       "256 over 8 GPUs)")
     parser.add_argument("--image-size", type=int, default=256, choices=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one run of each variant per round)")
-    parser.add_argument("--num-steps", type=int, default=50, help="sampler: steps per sampling run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--compile", action="store_true", help="step: torch.compile each variant's forward and loss")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--num-workers", type=int, default=2, help="data: DataLoader workers")
-    parser.add_argument("--num-images", type=int,
-                        help="data: size of the synthetic folder (4096); fid: images to extract (200)")
+    parser.add_argument("--num-images", type=int, help="data: size of the synthetic folder (4096)")
     parser.add_argument("--peak-tflops", type=float, help="gpu: the device's bf16 peak (default: PEAK_BF16_TFLOPS)")
     parser.add_argument("--out", default="bench-gpu.json", help="gpu: the table's rows as JSON (bench-gpu.json)")
     parser.add_argument("--smoke", action="store_true", help="gpu: tiny sizes, on the CPU too (its code path only)")
@@ -72,7 +62,7 @@ import train
 from encoders import ViT
 from models import build_model
 from runtime import UserError, replace_atomically, run
-from sample import SampleRandomness, euler_maruyama_sampler, euler_sampler, generate
+from sample import generate
 from vae import DOWNSAMPLING, LATENT_CHANNELS, AutoencoderKL
 
 VARIANTS = {"SiT": [], "SiT + L_div": ["--diversity-loss"],  # name: train.py's flags
@@ -227,60 +217,8 @@ def extraction_rate(args, device):
         return (pool[:min(stop, lo + size) - lo] for lo in range(start, stop, size))
     for count in (n, args.num_images):  # one warm-up batch, then the timed run
         start = clock(device)
-        fid.extract_features(model, fid.Source(count, images, {}, None), n)
+        fid.extract_features(model, fid.Source(count, images, {}), n)
     return args.num_images / (clock(device) - start)
-
-
-def bench_fid(args, device):
-    extraction, rng = extraction_rate(args, device), np.random.default_rng(0)
-    ref, samples = (rng.standard_normal((n, 2048), dtype=np.float32) for n in (10_000, 20_000))
-    rss, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
-    fid.precision_recall(ref, samples)
-    seconds = time.perf_counter() - start
-    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 2 ** 20  # peak memory, KiB → GiB
-    table(f"fid.py on {machine(device)}", ["measurement", "value"], [
-        [f"feature extraction, {args.num_images} random {args.image_size}-px images, batch {args.batch_size}",
-         f"{extraction:.2f} images / s"],
-        ["precision / recall, 20,000 samples × 10,000 references, 2048-d",
-         f"{seconds:.1f} s, peak memory +{growth:.2f} GiB"]])
-
-
-def bench_sampler(args, device):
-    torch.manual_seed(0)
-    shapes = data.ShapesDataset()
-    C, H, _ = shapes.input_shape
-    model = build_model(args.model, input_size=H, in_channels=C, num_classes=shapes.num_classes).to(device).eval()
-    n, K = args.batch_size, args.num_steps
-    z, y = torch.randn(n, C, H, H, device=device), torch.randint(0, shapes.num_classes, (n,), device=device)
-    rand = SampleRandomness(0, range(n))
-    # A network that costs nothing: a sampler's time with it is its own loop's.
-    null = SimpleNamespace(forward_with_cfg=lambda x, t, y, cfg_scale: torch.zeros_like(x))
-
-    @torch.no_grad()
-    def forwards(copies):  # a sampling run's K network forwards, on `copies` copies of the batch
-        x, labels = torch.cat([z] * copies), torch.cat([y] * copies)
-        for k in range(K):
-            model(x, torch.full((copies * n,), 1 - k / K, device=device), labels)
-
-    def sde(network):
-        euler_maruyama_sampler(network, z, y, K, noise=lambda like: rand.normal(like.shape[1:]).to(like.device))
-
-    bare, bare2 = f"{K} forwards, batch {n}", f"{K} forwards, batch {2 * n}"
-    guided = f"{sum(1 for k in range(K) if 1 - k / K <= 0.7)} of {K} steps guided"
-    runs = {  # name: (what to time, the bare-forward run it is compared with)
-        bare: (lambda: forwards(1), None),
-        f"euler, {K} steps": (lambda: euler_sampler(model, z, y, K), bare),
-        "euler loop alone (network stubbed out)": (lambda: euler_sampler(null, z, y, K), bare),
-        f"sde, {K} steps, per-sample noise": (lambda: sde(model), bare),
-        "sde loop alone (network stubbed out)": (lambda: sde(null), bare),
-        bare2: (lambda: forwards(2), None),
-        "euler, cfg 4, t in [0, 1]": (lambda: euler_sampler(model, z, y, K, 4.0), bare2),
-        f"euler, cfg 4, t in [0, 0.7] ({guided})": (lambda: euler_sampler(model, z, y, K, 4.0, (0.0, 0.7)), bare2)}
-    times = timed_rounds({name: fn for name, (fn, _) in runs.items()}, args.steps, args.warmup, device)
-    table(f"{args.model} on {C}×{H}×{H} inputs, batch {n}, fp32, {machine(device)}, {args.steps} rounds after "
-          f"{args.warmup} warm-up rounds", ["run", "s (median)", "vs its bare forwards (median of per-round ratios)"],
-          [[name, f"{statistics.median(times[name]):.3f}", "" if base is None else
-            f"{median_ratio(times[name], times[base]):.3f}×"] for name, (_, base) in runs.items()])
 
 
 # Dense bf16 tensor-core peaks in TFLOP/s: NVIDIA's datasheets, without sparsity (half their "with sparsity" figures).
@@ -459,7 +397,7 @@ def bench_gpu(args, device):
     ref, samples = (fid.InceptionFeatures(*(rng.standard_normal((n, d), dtype=np.float32) for d in sizes.feature_dims))
                     for n in (n_ref, n_samples))
     begin = time.perf_counter()
-    fid.adm_metrics(fid.Source(n_ref, None, {}, None), ref, fid.Source(n_samples, None, {}, None), samples)
+    fid.adm_metrics(fid.Source(n_ref, None, {}), ref, fid.Source(n_samples, None, {}), samples)
     metrics = time.perf_counter() - begin
     total = (n_ref + n_samples) / rate + metrics
     report(f"fid.py's suite (FID, sFID, IS, precision / recall), {n_samples:,} samples vs {n_ref:,} references",
@@ -469,7 +407,7 @@ def bench_gpu(args, device):
           ["measurement", "figures", "target"], [[r["measurement"], cells(r["figures"]), r["target"]] for r in rows])
 
 
-BENCHMARKS = {"step": bench_step, "data": bench_data, "sampler": bench_sampler, "fid": bench_fid, "gpu": bench_gpu}
+BENCHMARKS = {"step": bench_step, "data": bench_data, "gpu": bench_gpu}
 
 
 def main(args):

@@ -22,7 +22,7 @@ HELD_OUT_SEED = 1234  # the built-in reference shapes: a seed no run of the READ
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
-    p.add_argument("--ref", required=True, help=f"fid.py's reference (an ADM .npz, a folder, saved statistics), or "
+    p.add_argument("--ref", required=True, help=f"fid.py's reference (an ADM .npz or a folder of images), or "
                                                 f"{BUILTIN_REFERENCE} for runs on the built-in data")
     p.add_argument("--num-samples", type=int, default=10_000, help="per checkpoint: 10K for curves, 50K for tables")
     p.add_argument("--sampler", default="sde", help="as sample.py (the papers' FIDs: sde, 250 steps)")

@@ -2,10 +2,9 @@
 
     python fid.py VIRTUAL_imagenet256_labeled.npz samples/NAME.npz      # ADM evaluator's command shape
     torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz              # feature extraction split over GPUs
-    python fid.py samples/NAME --save-stats NAME-stats.npz              # statistics of one input, for reuse
 
-REF and SAMPLES may each be an `.npz` with `arr_0` (N, H, W, 3) uint8 (ADM's batches; sample.py writes them), a
-folder of images, or a --save-stats file. A reference that carries `mu, sigma, mu_s, sigma_s` (ADM's do) supplies its
+REF and SAMPLES may each be an `.npz` with `arr_0` (N, H, W, 3) uint8 (ADM's batches; sample.py writes them) or a
+folder of images. A reference that carries `mu, sigma, mu_s, sigma_s` (ADM's do) supplies its
 FID / sFID statistics, as in the ADM evaluator; its images still serve precision and recall. Results are printed and
 written as JSON (`--out`).
 
@@ -28,9 +27,8 @@ INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref", help="reference: .npz batch, folder of images, or saved statistics")
-    parser.add_argument("samples", nargs="?", default=None, help="samples: the same kinds")
-    parser.add_argument("--save-stats", default=None, help="save the one input's statistics and features here")
+    parser.add_argument("ref", help="reference: an .npz batch or a folder of images")
+    parser.add_argument("samples", help="samples: the same kinds")
     parser.add_argument("--inception", default=None,
                         help=f"local copy of the Inception weights (default: downloaded from {INCEPTION_URL})")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (ADM: 64)")
@@ -168,11 +166,10 @@ class Source(NamedTuple):  # one input
     count: int
     batches: object       # batches(start, stop, size) → iterator of uint8 (n, H, W, 3) arrays, or None
     stats: dict           # mu, sigma, mu_s, sigma_s when the file carries them, else {}
-    pool: np.ndarray      # (N, 2048) features of a saved statistics file, else None
 
 
 def open_source(path):
-    """An .npz batch (ADM's or sample.py's), a --save-stats file, or a folder of images."""
+    """An .npz batch (ADM's or sample.py's) or a folder of images."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -186,7 +183,7 @@ def open_source(path):
                     raise UserError(f"{path}: images of different sizes ({sorted({a.shape for a in arrays})})")
                 yield np.stack(arrays)
 
-        return Source(len(files), folder_batches, {}, None)
+        return Source(len(files), folder_batches, {})
     if not path.is_file():
         raise UserError(f"{path} is neither an .npz file nor a folder of images")
     try:
@@ -194,14 +191,12 @@ def open_source(path):
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not a readable .npz file: {e}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise UserError(f"{path} is a bare .npy array, not an .npz with arr_0 (or saved statistics)")
+        raise UserError(f"{path} is a bare .npy array, not an .npz with arr_0")
     stats = {k: npz[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in npz.files}
     if stats and len(stats) != 4:
         raise UserError(f"{path} carries only {sorted(stats)} of mu, sigma, mu_s, sigma_s")
-    if "pool" in npz.files:  # saved by --save-stats
-        return Source(len(npz["pool"]), None, stats, npz["pool"])
     if "arr_0" not in npz.files:
-        raise UserError(f"{path} has neither images (arr_0) nor saved statistics (pool); keys: {npz.files}")
+        raise UserError(f"{path} has no images (arr_0); keys: {npz.files}")
     # The images are streamed from the zip, so that 50K of them never sit in memory.
     with npz.zip.open("arr_0.npy") as f:
         fmt = np.lib.format  # .npy 1.0, or 2.0 / 3.0 (long or UTF-8 headers), which share 2.0's header layout
@@ -225,15 +220,12 @@ def open_source(path):
                     raise UserError(f"{path}: arr_0 is truncated (images from {lo} on of {shape[0]})")
                 yield np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:])
 
-    return Source(shape[0], npz_batches, stats, None)
+    return Source(shape[0], npz_batches, stats)
 
 
 @torch.no_grad()
 def extract_features(model, source, batch_size, rank=0, world_size=1, desc="features"):
-    """InceptionFeatures of every image of `source` as numpy arrays, in order; each rank runs a contiguous slice.
-    For a saved statistics file: its pool features, and the logits computed from them."""
-    if source.pool is not None:
-        return InceptionFeatures(source.pool, None, (torch.from_numpy(source.pool) @ model.fc.weight.cpu().T).numpy())
+    """InceptionFeatures of every image of `source` as numpy arrays, in order; each rank runs a contiguous slice."""
     device = next(model.parameters()).device
     start, stop = rank * source.count // world_size, (rank + 1) * source.count // world_size
     parts = []
@@ -347,27 +339,20 @@ def adm_metrics(ref, ref_features, samples, sample_features):
 
 def main(args):
     # The inputs are checked before any weights are loaded (or downloaded).
-    if bool(args.save_stats) == (args.samples is not None):
-        raise UserError("give a reference and a sample batch (python fid.py REF SAMPLES), or one input with "
-                        "--save-stats (python fid.py INPUT --save-stats OUT.npz)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    paths = [args.ref] if args.save_stats else [args.ref, args.samples]
-    sources = [open_source(path) for path in paths]
-    for path, source in zip(paths, sources):
-        if source.count < (2 if args.save_stats else PR_NEIGHBOURS + 1):
-            raise UserError(f"{path} holds {source.count} image(s): FID and sFID need at least 2 (a covariance), "
-                            f"precision and recall at least {PR_NEIGHBOURS + 1} in each set (k = {PR_NEIGHBOURS})")
+    sources = [open_source(path) for path in (args.ref, args.samples)]
+    for path, source in zip((args.ref, args.samples), sources):
+        if source.count < PR_NEIGHBOURS + 1:
+            raise UserError(f"{path} holds {source.count} image(s): precision and recall need at least "
+                            f"{PR_NEIGHBOURS + 1} in each set (a point and its {PR_NEIGHBOURS} nearest neighbours)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # reference-grade features
     rank, world_size, device = init_distributed()
     model = load_inception(args.inception, device)
-    features = [extract_features(model, source, args.batch_size, rank, world_size, desc) for source, desc
-                in zip(sources, ["features"] if args.save_stats else ["reference", "samples"])]
-    if rank == 0 and args.save_stats:
-        np.savez(args.save_stats, pool=features[0].pool, **statistics_of(sources[0], features[0]))
-        print(f"saved the statistics of {len(features[0].pool)} images to {args.save_stats}")
-    elif rank == 0:
-        (ref, samples), (ref_features, sample_features) = sources, features
+    (ref, samples), (ref_features, sample_features) = sources, [
+        extract_features(model, source, args.batch_size, rank, world_size, desc)
+        for source, desc in zip(sources, ["reference", "samples"])]
+    if rank == 0:
         results = {**adm_metrics(ref, ref_features, samples, sample_features),
                    "reference": str(Path(args.ref).resolve()), "samples": str(Path(args.samples).resolve()),
                    "num_reference": len(ref_features.pool), "num_samples": len(sample_features.pool)}

@@ -2,13 +2,11 @@
 replacement, the code version a run records; and train.py's run folders and checkpoints (DiT's layout:
 results/NNN-<name>/ with log.txt and checkpoints/NNNNNNN.pt)."""
 import contextlib
-import ctypes
 import errno
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +20,10 @@ import torchvision
 def init_distributed(timeout=None):
     """(rank, world_size, device); `timeout` bounds each collective (torch's default if None). Under torchrun: NCCL on
     GPUs, gloo on CPUs, the GPU from LOCAL_RANK (the global rank would index past a node's GPUs on the second node:
-    DiT #79, SiT #8). Without torchrun: rank 0 of 1, on CUDA if present."""
+    DiT #79, SiT #8). Without torchrun: rank 0 of 1, on CUDA if present. Workers outlive a killed torchrun agent
+    (torchrun offers no hook to notice): stop a run by killing its workers too, e.g. the whole process group."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    exit_with_parent()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -34,15 +32,6 @@ def init_distributed(timeout=None):
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def exit_with_parent():
-    """On Linux, SIGTERM this process when its parent dies: else a worker whose torchrun agent died trains on alone."""
-    if sys.platform == "linux":
-        parent = os.getppid()
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def barrier():
@@ -274,17 +263,9 @@ def prune_checkpoints(folder, keep_last, milestone_every):
             (folder / f"{step:07d}.pt").unlink()
 
 
-def checkpoints_to_try(resume, results_dir):
-    """--resume → (checkpoint paths, newest first; run directory). A run directory gives all of its checkpoints;
-    it may be named by its number alone: `--resume 3` (in `results_dir`) or `--resume results/003`."""
+def checkpoints_to_try(resume):
+    """--resume → (checkpoint paths, newest first; run directory). A run directory gives all of its checkpoints."""
     path = Path(resume)
-    if not path.exists() and path.name.isdigit():
-        folder = Path(results_dir) if path.parent == Path(".") else path.parent
-        runs = sorted(folder.glob(f"{int(path.name):03d}-*"))
-        if len(runs) != 1:
-            raise UserError(f"--resume {resume}: {len(runs)} runs numbered {int(path.name):03d} in {folder}"
-                            + "".join(f", {r.name}" for r in runs))
-        path = runs[0]
     if path.is_dir():
         steps = checkpoint_steps(path / "checkpoints")
         if not steps:  # nothing to resume; a write cut short may have left a large temporary: remove it
@@ -305,11 +286,11 @@ def checkpoints_to_try(resume, results_dir):
     return [path], path.parent.parent
 
 
-def load_checkpoint(resume, results_dir, repair=False):
+def load_checkpoint(resume, repair=False):
     """--resume → (checkpoint, its path, run directory, notes for the log). From a run directory, its newest
     checkpoint that loads. With `repair` (rank 0 of the run), one that does not (cut short, damaged) is renamed to
     NAME.damaged, kept for inspection but out of the way, and the temporaries of writes cut short are removed."""
-    paths, run_dir = checkpoints_to_try(resume, results_dir)
+    paths, run_dir = checkpoints_to_try(resume)
     notes = []
     for tmp in sorted((run_dir / "checkpoints").glob(".*.tmp")) if repair else []:
         tmp.unlink()

@@ -228,7 +228,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="uint8 images of shape"):
         fid.open_source(tmp_path / "gray.npz")
     np.savez(tmp_path / "other.npz", labels=np.zeros(3))
-    with pytest.raises(UserError, match="neither images"):
+    with pytest.raises(UserError, match=r"has no images \(arr_0\)"):
         fid.open_source(tmp_path / "other.npz")
     np.save(tmp_path / "bare.npy", np.zeros(3))
     with pytest.raises(UserError, match="bare .npy"):
@@ -265,11 +265,11 @@ def test_a_truncated_npz_is_an_error(tmp_path):
 
 def fid_args(ref, samples=None, **changes):
     return argparse.Namespace(**{"ref": str(ref), "samples": None if samples is None else str(samples),
-                                 "save_stats": None, "inception": None, "batch_size": 4, "out": None, **changes})
+                                 "inception": None, "batch_size": 4, "out": None, **changes})
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # singular covariances are expected here
-def test_the_command_reports_every_metric_and_saved_or_carried_statistics_are_used(inception, tmp_path, capsys):
+def test_the_command_reports_every_metric_and_carried_statistics_are_used(inception, tmp_path, capsys):
     np.savez(tmp_path / "ref.npz", arr_0=image_batch(6, seed=1))
     np.savez(tmp_path / "samples.npz", arr_0=image_batch(7, seed=2))
     fid.main(fid_args(tmp_path / "ref.npz", tmp_path / "samples.npz", inception=inception[1]))
@@ -280,12 +280,11 @@ def test_the_command_reports_every_metric_and_saved_or_carried_statistics_are_us
     assert results["inception_score"] == pytest.approx(inception_score(samples.logits), rel=1e-6)
     assert (results["precision"], results["recall"]) == precision_recall(ref.pool, samples.pool)
     assert math.isfinite(results["fid"]) and math.isfinite(results["sfid"])
-    # Saved statistics of the reference, with μ moved by δ, stand in for its images: precision / recall come
-    # from the saved features, and FID moves by exactly ‖δ‖² − 2·δ·(μ_samples − μ_ref) (the trace is unchanged).
-    fid.main(fid_args(tmp_path / "ref.npz", save_stats=tmp_path / "ref-stats.npz", inception=inception[1]))
-    saved = dict(np.load(tmp_path / "ref-stats.npz"))
+    # Statistics carried by the reference (as ADM's batches carry them), with μ moved by δ, replace those of its
+    # images: FID moves by exactly ‖δ‖² − 2·δ·(μ_samples − μ_ref) (the trace is unchanged), the rest stays.
+    saved = fid.statistics_of(fid.open_source(tmp_path / "ref.npz"), ref)
     delta = np.linspace(-1, 1, 2048)
-    np.savez(tmp_path / "moved.npz", **{**saved, "mu": saved["mu"] + delta})
+    np.savez(tmp_path / "moved.npz", arr_0=image_batch(6, seed=1), **{**saved, "mu": saved["mu"] + delta})
     fid.main(fid_args(tmp_path / "moved.npz", tmp_path / "samples.npz", inception=inception[1],
                       out=tmp_path / "b.json"))
     moved = json.loads((tmp_path / "b.json").read_text())
@@ -299,23 +298,17 @@ def test_inputs_are_checked_before_the_weights_are_loaded_and_too_few_images_are
     def load_inception(*args):
         raise AssertionError("the weights were loaded (or downloaded) before the inputs were checked")
     monkeypatch.setattr(fid, "load_inception", load_inception)
-    for n in (1, 2, 3, 4):
+    for n in (3, 4):
         np.savez(tmp_path / f"{n}.npz", arr_0=image_batch(n))
     with pytest.raises(UserError, match="nowhere.npz is neither"):
         fid.main(fid_args(tmp_path / "nowhere.npz", tmp_path / "4.npz"))
     for ref, samples in [(3, 4), (4, 3)]:  # precision and recall: a point and its 3 nearest neighbours in each set
-        with pytest.raises(UserError, match="3.npz holds 3 image.*precision and recall at least 4 in each set"):
+        with pytest.raises(UserError, match="3.npz holds 3 image.*precision and recall need at least 4 in each set"):
             fid.main(fid_args(tmp_path / f"{ref}.npz", tmp_path / f"{samples}.npz"))
-    with pytest.raises(UserError, match="1.npz holds 1 image.*FID and sFID need at least 2"):  # a covariance
-        fid.main(fid_args(tmp_path / "1.npz", save_stats=tmp_path / "stats.npz"))
-    for enough in (fid_args(tmp_path / "4.npz", tmp_path / "4.npz"),
-                   fid_args(tmp_path / "2.npz", save_stats=tmp_path / "stats.npz")):
-        with pytest.raises(AssertionError, match="weights were loaded"):
-            fid.main(enough)
-    for wrong in (fid_args(tmp_path / "4.npz"), fid_args(tmp_path / "4.npz", tmp_path / "4.npz", save_stats="s.npz"),
-                  fid_args(tmp_path / "4.npz", tmp_path / "4.npz", batch_size=0)):
-        with pytest.raises(UserError):
-            fid.main(wrong)
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        fid.main(fid_args(tmp_path / "4.npz", tmp_path / "4.npz"))
+    with pytest.raises(UserError, match="--batch-size must be at least 1"):
+        fid.main(fid_args(tmp_path / "4.npz", tmp_path / "4.npz", batch_size=0))
 
 
 def test_the_command_prints_a_wrong_weight_file_as_one_line(tmp_path):
@@ -341,13 +334,21 @@ def test_statistics_carried_by_an_npz_replace_its_images(tmp_path):
 
 def test_two_ranks_under_torchrun_extract_the_one_process_features_in_order(inception, tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=image_batch(5, seed=3))
-    fid.main(fid_args(tmp_path / "ref.npz", save_stats=tmp_path / "one.npz", inception=inception[1]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fid.py",
-               str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "two.npz"), "--inception", str(inception[1]),
-               "--batch-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
+    one = fid.extract_features(inception[0], fid.open_source(tmp_path / "ref.npz"), 2)
+    script = tmp_path / "extract.py"  # fid.main's steps up to the features, which rank 0 then saves
+    script.write_text(f"""import numpy as np, fid, runtime
+rank, world_size, device = runtime.init_distributed()
+features = fid.extract_features(fid.load_inception({str(inception[1])!r}), fid.open_source({str(tmp_path / "ref.npz")!r}),
+                                2, rank, world_size)
+if rank == 0:
+    np.savez({str(tmp_path / "two.npz")!r}, **features._asdict())
+runtime.close_distributed()
+""")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(Path(__file__).parent)}
     result = subprocess.run(command, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    np.testing.assert_allclose(two["pool"], one["pool"], rtol=1e-5, atol=1e-6)  # rank 0 images 0–1, rank 1 2–4
-    np.testing.assert_allclose(two["mu_s"], one["mu_s"], rtol=1e-5, atol=1e-6)
+    two = np.load(tmp_path / "two.npz")
+    for name, column in one._asdict().items():  # rank 0 extracts images 0–1, rank 1 images 2–4
+        np.testing.assert_allclose(two[name], column, rtol=1e-5, atol=1e-6)

@@ -43,8 +43,8 @@ def build_parser():
     p.add_argument("--builtin-image-size", type=int, default=32, help="image size of builtin:shapes")
     p.add_argument("--builtin-num-images", type=int, default=10_000, help="number of images of builtin:shapes")
     p.add_argument("--results-dir", default="results", help="where the numbered run folders go")
-    p.add_argument("--resume", default=None, help="a run folder (its newest checkpoint that loads), its number alone "
-                                                  "(3, or results/003), or one of its checkpoints")
+    p.add_argument("--resume", default=None, help="a run folder (its newest checkpoint that loads) or one of its "
+                                                  "checkpoints")
     # Method switches (L_div's defaults copy losses.py's DIVERSITY_TERMS, DIVERSITY_LAYERS, ADAPTIVE_WEIGHT_RANGE:
     # --help needs no torch)
     p.add_argument("--diverse", action="store_true", help="DiverseDiT: --long-residual and --diversity-loss")
@@ -323,7 +323,7 @@ def main(args):
                         f"({args.global_batch_size})")
     ckpt, notes = None, []
     if args.resume:  # found first, so that a mismatch is refused before anything heavy is built
-        ckpt, ckpt_path, run_dir, notes = load_checkpoint(args.resume, args.results_dir, repair=rank == 0)
+        ckpt, ckpt_path, run_dir, notes = load_checkpoint(args.resume, repair=rank == 0)
         check_resumable(ckpt["args"], args)
     # Rank 0's own work (the VAE for previews) comes before the first collective, so that its errors end the run
     # instead of leaving the other ranks waiting.
@@ -431,7 +431,7 @@ def parse_args(argv=None):
     p = build_parser()
     known, _ = p.parse_known_args(argv)
     if known.resume:
-        saved = load_checkpoint(known.resume, known.results_dir)[0]["args"]  # main sets damaged ones aside
+        saved = load_checkpoint(known.resume)[0]["args"]  # main sets damaged ones aside
         p.set_defaults(**{k: v for k, v in saved.items() if k in vars(known) and k not in ("resume", "results_dir")})
     return p.parse_args(argv)
 
