@@ -20,8 +20,8 @@ import torchvision
 def init_distributed(timeout=None):
     """(rank, world_size, device); `timeout` bounds each collective (torch's default if None). Under torchrun: NCCL on
     GPUs, gloo on CPUs, the GPU from LOCAL_RANK (the global rank would index past a node's GPUs on the second node:
-    DiT #79, SiT #8). Without torchrun: rank 0 of 1, on CUDA if present. Workers outlive a killed torchrun agent
-    (torchrun offers no hook to notice): stop a run by killing its workers too, e.g. the whole process group."""
+    DiT #79, SiT #8). Without torchrun: rank 0 of 1, on CUDA if present. Workers outlive a torchrun agent killed
+    with SIGKILL (which it cannot forward; torchrun offers no hook): stop a run by killing the whole process group."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
