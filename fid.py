@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz              # feature extraction split over GPUs
 
 REF and SAMPLES may each be an `.npz` with `arr_0` (N, H, W, 3) uint8 (ADM's batches; sample.py writes them) or a
-folder of images. A reference that carries `mu, sigma, mu_s, sigma_s` (ADM's do) supplies its
-FID / sFID statistics, as in the ADM evaluator; its images still serve precision and recall. Results are printed and
+folder of images. A reference that carries `mu, sigma, mu_s, sigma_s` (ADM's do) supplies its FID / sFID
+statistics, as in the ADM evaluator; its images still serve precision and recall. Results are printed and
 written as JSON (`--out`).
 
 The network is the FID Inception (TensorFlow's 2015-12-05 graph) in torchvision's layout, as pytorch-fid and
