@@ -263,8 +263,8 @@ def test_a_truncated_npz_is_an_error(tmp_path):
         list(claimed.batches(0, 5, 5))
 
 
-def fid_args(ref, samples=None, **changes):
-    return argparse.Namespace(**{"ref": str(ref), "samples": None if samples is None else str(samples),
+def fid_args(ref, samples, **changes):
+    return argparse.Namespace(**{"ref": str(ref), "samples": str(samples),
                                  "inception": None, "batch_size": 4, "out": None, **changes})
 
 
