@@ -82,8 +82,7 @@ def mean_abs_token_cosine(a, b):
 def similarity_matrix(blocks, metric):
     """(L, L) similarities between all block outputs, each (N, T, D)."""
     matrix = np.eye(len(blocks))
-    for i, j in itertools.combinations(range(len(blocks)), 2):
-        a, b = blocks[i], blocks[j]
+    for (i, a), (j, b) in itertools.combinations(enumerate(blocks), 2):
         matrix[i, j] = matrix[j, i] = (mean_abs_token_cosine(a, b) if metric == "cosine"
                                        else cka(a.flatten(1), b.flatten(1), metric.removeprefix("cka_")))
     return matrix
@@ -94,12 +93,6 @@ def mean_off_diagonal(matrix):
 
 
 @torch.no_grad()
-def forward_at(model, x, t, y, return_features=False):
-    """The network at (x, t) for a batch, t a float; MeanFlow models at r = t, where u(x, t, t) = v."""
-    t_batch = torch.full((len(x),), float(t), device=x.device)
-    return model(x.float(), t_batch, y, return_features=return_features, r=t_batch if model.meanflow else None)
-
-
 def trajectory_features(model, z, y, steps, num_steps=TRAJECTORY_STEPS):
     """{k: the blocks' outputs L × (N, T, D)} at each step k of `steps` (k = 1 … num_steps counting down from t = 1,
     t = k/num_steps) of an unguided Euler trajectory from z at t = 1 on sample.euler_sampler's grid: at step k, the
@@ -108,7 +101,8 @@ def trajectory_features(model, z, y, steps, num_steps=TRAJECTORY_STEPS):
     x, features = z.double(), {}
     for i in range(num_steps - min(steps) + 1):  # i steps taken, at t = t_steps[i] = k/num_steps
         k = num_steps - i
-        v = forward_at(model, x, t_steps[i], y, return_features=k in steps)
+        t = torch.full((len(x),), float(t_steps[i]), device=x.device)  # MeanFlow models at r = t: u(x, t, t) = v
+        v = model(x.float(), t, y, return_features=k in steps, r=t if model.meanflow else None)
         if k in steps:
             v, features[k] = v[0], v[1].blocks
         x = x + (t_steps[i + 1] - t_steps[i]) * v.double()

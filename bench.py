@@ -87,10 +87,6 @@ def timed_rounds(runs, rounds, warmup, device):
     return times
 
 
-def median_ratio(times, base):
-    return statistics.median(a / b for a, b in zip(times, base))
-
-
 def table(title, header, rows):
     print(f"\n{title}\n")
     for row in [header, ["---"] * len(header), *rows]:
@@ -163,7 +159,7 @@ def bench_step(args, device):
         steps[name] = make_train_step(model, train_args, losses, args, device, "inductor" if args.compile else None)
     times = timed_rounds(steps, args.steps, args.warmup, device)
     alone, sit = l_div_seconds(model, losses, args, device), statistics.median(times["SiT"])  # DiverseDiT's L_div
-    rows = [[name, f"{statistics.median(ts):.3f}", f"{median_ratio(ts, times['SiT']):.3f}×"]
+    rows = [[name, f"{statistics.median(ts):.3f}", f"{statistics.median(np.divide(ts, times['SiT'])):.3f}×"]
             for name, ts in times.items()]
     table(f"{args.model}, batch {args.batch_size}, {args.image_size} px, fp32, {machine(device)}, "
           f"{'torch.compile' if args.compile else 'eager'}, {args.steps} rounds after {args.warmup} warm-up steps",

@@ -141,13 +141,13 @@ def draw_milestones_of(run_dir, args, device):
 
 def main(args):
     runs = [Path(r) for r in args.runs]
-    for run_dir in runs:
-        if not checkpoint_steps(run_dir / "checkpoints"):
-            raise UserError(f"{run_dir} has no checkpoints (expected {run_dir / 'checkpoints'}/NNNNNNN.pt)")
     if args.num_samples < fid.PR_NEIGHBOURS + 1:
         raise UserError(f"--num-samples must be at least {fid.PR_NEIGHBOURS + 1} (precision and recall's k + 1)")
-    for run_dir in runs:
-        sample_args(args, run_dir / "checkpoints" / f"{checkpoint_steps(run_dir / 'checkpoints')[-1]:07d}.pt")
+    for run_dir in runs:  # every run's settings checked before any work
+        steps = checkpoint_steps(run_dir / "checkpoints")
+        if not steps:
+            raise UserError(f"{run_dir} has no checkpoints (expected {run_dir / 'checkpoints'}/NNNNNNN.pt)")
+        sample_args(args, run_dir / "checkpoints" / f"{steps[-1]:07d}.pt")
     rank, world_size, device = init_distributed()
     reference, inception = {"source": None, "sha256": BUILTIN_REFERENCE}, None
     if args.ref != BUILTIN_REFERENCE:  # the reference's features once, for every checkpoint of every run

@@ -311,9 +311,8 @@ def precision_recall(ref_features, sample_features, k=PR_NEIGHBOURS, batch=PR_BA
     """Kynkäänniemi et al. (2019) as ADM estimates them: precision = the fraction of samples inside the reference
     manifold (the union of balls around reference points, radius = k-NN distance), recall = the reverse."""
     ref, samples = (torch.as_tensor(f, dtype=torch.float32) for f in (ref_features, sample_features))
-    ref_radii, sample_radii = manifold_radii(ref, k, batch), manifold_radii(samples, k, batch)
-    precision = covered(samples, ref, ref_radii, batch).float().mean().item()
-    recall = covered(ref, samples, sample_radii, batch).float().mean().item()
+    precision = covered(samples, ref, manifold_radii(ref, k, batch), batch).float().mean().item()
+    recall = covered(ref, samples, manifold_radii(samples, k, batch), batch).float().mean().item()
     return precision, recall
 
 
@@ -341,17 +340,16 @@ def main(args):
     # The inputs are checked before any weights are loaded (or downloaded).
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    sources = [open_source(path) for path in (args.ref, args.samples)]
-    for path, source in zip((args.ref, args.samples), sources):
+    ref, samples = open_source(args.ref), open_source(args.samples)
+    for path, source in ((args.ref, ref), (args.samples, samples)):
         if source.count < PR_NEIGHBOURS + 1:
             raise UserError(f"{path} holds {source.count} image(s): precision and recall need at least "
                             f"{PR_NEIGHBOURS + 1} in each set (a point and its {PR_NEIGHBOURS} nearest neighbours)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # reference-grade features
     rank, world_size, device = init_distributed()
     model = load_inception(args.inception, device)
-    (ref, samples), (ref_features, sample_features) = sources, [
-        extract_features(model, source, args.batch_size, rank, world_size, desc)
-        for source, desc in zip(sources, ["reference", "samples"])]
+    ref_features = extract_features(model, ref, args.batch_size, rank, world_size, "reference")
+    sample_features = extract_features(model, samples, args.batch_size, rank, world_size, "samples")
     if rank == 0:
         results = {**adm_metrics(ref, ref_features, samples, sample_features),
                    "reference": str(Path(args.ref).resolve()), "samples": str(Path(args.samples).resolve()),
@@ -362,7 +360,7 @@ def main(args):
                   f"at small N", file=sys.stderr)
         for name in ("inception_score", "fid", "sfid", "precision", "recall"):
             print(f"{name}: {results[name]}")
-        out = Path(args.out) if args.out else Path(f"{str(args.samples).rstrip('/')}.fid.json")
+        out = Path(args.out or f"{str(args.samples).rstrip('/')}.fid.json")
         out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"saved {out}")
     close_distributed()

@@ -6,6 +6,7 @@ inside a normalisation).
 
 Shape legend: N batch, T tokens, D width, C, H, W latent channels and size, L blocks, Z encoder width.
 """
+import itertools
 import math
 from typing import NamedTuple
 
@@ -85,12 +86,7 @@ def diversity_pairs(depth, encoder_depth=None, layers=DIVERSITY_LAYERS):
             raise ValueError(f"the release's pair rule starts at block {max_pairs} − encoder_depth − 1 = {start} "
                              f"for encoder_depth {encoder_depth}")
         outer = range(start, max_pairs + encoder_depth)
-    pairs = []
-    for i in outer:
-        for j in range(i + 1, depth):
-            if len(pairs) == max_pairs:
-                return pairs
-            pairs.append((i, j))
+    pairs = list(itertools.islice(((i, j) for i in outer for j in range(i + 1, depth)), max_pairs))  # the first K
     if not pairs:
         raise ValueError(f"the release's pair rule finds no block pair for depth {depth} and encoder_depth "
                          f"{encoder_depth}")
@@ -231,8 +227,7 @@ def sra_loss(student, teacher, beta=0.05):
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features differ")
-    elementwise = F.smooth_l1_loss(student.float(), teacher.detach().float(), beta=beta, reduction="none")
-    return elementwise.mean(dim=(1, 2))
+    return F.smooth_l1_loss(student.float(), teacher.detach().float(), beta=beta, reduction="none").mean(dim=(1, 2))
 
 
 # ---------------------------------------------------------------- MeanFlow (Geng et al. 2025): one-step generation

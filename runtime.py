@@ -91,7 +91,12 @@ def replace_atomically(path):
         if disk_full(e):
             raise OSError(errno.ENOSPC, f"no space left while writing {path}") from None
         raise
-    sync_folder(path.parent)
+    with contextlib.suppress(OSError):  # fsync the folder where the OS allows it (some cannot open or sync one)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def disk_full(error):
@@ -101,16 +106,6 @@ def disk_full(error):
             return True
         error = error.__cause__ or error.__context__
     return False
-
-
-def sync_folder(folder):
-    """fsync a folder, so that the names just created or renamed in it are on disk (where the OS allows it)."""
-    with contextlib.suppress(OSError):  # some systems cannot open or sync a folder
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------- run folders and checkpoints (train.py)

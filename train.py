@@ -161,7 +161,7 @@ def training_losses(model, x, y, images=None, *, block_losses=None, encoders=(),
             x_t, v = interpolate(x, eps, t)
             out = model(x_t, t, y, return_features=features)
             v_pred, feats = out if features else (out, None)
-            terms["fm"] = flow_matching_loss(v_pred.float(), v).mean()
+            terms["fm"] = flow_matching_loss(v_pred, v).mean()
             if encoders:
                 with torch.no_grad():  # each encoder once, however many blocks it is aligned with
                     tokens = {encoder: encoder(images) for encoder in dict.fromkeys(encoders)}  # (N, T, Z) each

@@ -152,7 +152,7 @@ def read_safetensors(path):
     if sys.byteorder != "little":
         raise RuntimeError("reading .safetensors assumes a little-endian machine")
     data = Path(path).read_bytes()
-    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    n = int.from_bytes(data[:8], "little")  # a file shorter than 8 bytes fails the check below too
     try:
         if not 0 < n <= len(data) - 8:
             raise ValueError(f"header length {n} does not fit in a file of {len(data)} bytes")
