@@ -99,8 +99,7 @@ def trajectory_features(model, z, y, steps, num_steps=TRAJECTORY_STEPS):
     state reached after num_steps − k steps. z: (N, C, H, W) noise; y: (N,) labels."""
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     x, features = z.double(), {}
-    for i in range(num_steps - min(steps) + 1):  # i steps taken, at t = t_steps[i] = k/num_steps
-        k = num_steps - i
+    for i, k in enumerate(range(num_steps, min(steps) - 1, -1)):  # i steps taken, at t = t_steps[i] = k/num_steps
         t = torch.full((len(x),), float(t_steps[i]), device=x.device)  # MeanFlow models at r = t: u(x, t, t) = v
         v = model(x.float(), t, y, return_features=k in steps, r=t if model.meanflow else None)
         if k in steps:
@@ -109,11 +108,9 @@ def trajectory_features(model, z, y, steps, num_steps=TRAJECTORY_STEPS):
     return features
 
 
-def colour(values, low, high):
-    position = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(COLOURS) - 1)
-    i = np.minimum(position.astype(int), len(COLOURS) - 2)
-    frac = (position - i)[..., None]
-    return np.round(COLOURS[i] * (1 - frac) + COLOURS[i + 1] * frac).astype(np.uint8)
+def colour(values, low, high):  # (…, 3) uint8: COLOURS's stops evenly over [low, high], values outside clipped
+    stops = np.linspace(low, high, len(COLOURS))
+    return np.round(np.stack([np.interp(values, stops, channel) for channel in COLOURS.T], axis=-1)).astype(np.uint8)
 
 
 def heatmap(matrix, title, low, high, cell=16):
@@ -163,12 +160,11 @@ def analyse(ckpt_path, args, device):
         where = f"t={k / TRAJECTORY_STEPS:g}"
         print(f"  {', '.join(METRIC_NAMES[m] for m in args.metrics)} between {len(blocks)} blocks "
               f"{measured_on(where)}", flush=True)
-        div = diversity_loss(blocks, pairs)
         matrices = {metric: similarity_matrix(blocks, metric) for metric in args.metrics}
         result["features"][where] = {
             **{metric: matrix.tolist() for metric, matrix in matrices.items()},
             "mean_off_diagonal": {metric: mean_off_diagonal(matrix) for metric, matrix in matrices.items()},
-            "diversity": {term: value.item() for term, value in div._asdict().items()}}  # total and its 3 terms
+            "diversity": {term: value.item() for term, value in diversity_loss(blocks, pairs)._asdict().items()}}
     return result
 
 

@@ -119,9 +119,8 @@ def random_batch(args, num_classes, device):
 
 
 def make_train_step(model, train_args, losses, args, device, compiled=None):
-    """One AdamW step (fused on CUDA, as train.py's) of `train.total_loss(train.training_losses(..., **losses))` on a
-    fixed `random_batch`, t and ε drawn afresh; `compiled`: the torch.compile backend of the network alone (as
-    train.py), None for eager."""
+    """One AdamW step (fused on CUDA, as train.py's) of train.py's total loss on a fixed `random_batch`, t and ε drawn
+    afresh; `compiled`: the torch.compile backend of the network alone (as train.py), None for eager."""
     x, y, images = random_batch(args, model.num_classes, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.lr, weight_decay=train_args.weight_decay,
                                   fused=device.type == "cuda")
@@ -187,13 +186,11 @@ def bench_data(args, device):  # the DataLoader reads on the CPU, whatever the d
     with tempfile.TemporaryDirectory() as tmp:
         folder = synthetic_prepared_folder(Path(tmp) / "prepared", args.num_images, args.image_size)
         for images in (False, True):
-            count, start = 0, None
-            for batch in DataLoader(data.PreparedDataset(folder, images=images), batch_size=args.batch_size,
-                                    shuffle=True, num_workers=args.num_workers, drop_last=True):
-                if start is None:  # the first batch includes starting the workers
-                    start = time.perf_counter()
-                    continue
-                count += len(batch[0])
+            batches = iter(DataLoader(data.PreparedDataset(folder, images=images), batch_size=args.batch_size,
+                                      shuffle=True, num_workers=args.num_workers, drop_last=True))
+            next(batches)  # untimed: the first batch includes starting the workers
+            start = time.perf_counter()
+            count = sum(len(batch[0]) for batch in batches)
             rows.append(["moments, label, image" if images else "moments, label",
                          f"{count / (time.perf_counter() - start):,.0f}"])
     table(f"PreparedDataset at {args.image_size} px, batch {args.batch_size}, shuffled, {args.num_workers} "
@@ -346,7 +343,7 @@ def bench_gpu(args, device):
             model, train_args, losses = train_setup(model_name, [*flags, *sizes.flags], args, device, encoder)
             losses["bf16"], flops = True, 3 * forward_flops(model)
             label = f"{model_name} {variant}" + (" (encoder: random-weight stand-in)" if "--repa" in flags else "")
-            for compiled in (None, "eager" if smoke else "inductor"):
+            for compiled, mode in ((None, "eager"), ("eager" if smoke else "inductor", "compiled")):
                 figures, target = measure_step(model, train_args, losses, args, device, compiled, flops, peak), ""
                 if variant == "SiT":
                     plain[compiled] = figures["images/s"]
@@ -355,7 +352,6 @@ def bench_gpu(args, device):
                 elif variant == "--diverse":
                     figures["% slower than SiT"] = 100 * (plain[compiled] / figures["images/s"] - 1)
                     target = f"≤ 10% slower: {verdict(figures['% slower than SiT'] <= 10)}"
-                mode = "compiled" if compiled else "eager"
                 report(f"{label}, batch {args.batch_size}, bf16, {mode}", figures, target)
             batch = args.batch_size
             for _ in range(sizes.doublings if variant == "SiT" else 0):  # the largest batch that fits, eager

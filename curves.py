@@ -67,10 +67,9 @@ def draw_curves(runs, path):
     panels = {}  # quantity: [(colour, steps, values)], one per run that has it
     for quantity in TRAINING + EVALUATION:
         source = "metrics" if quantity in TRAINING else "eval"
-        curves = [(PALETTE[k % len(PALETTE)], *s) for k, run in enumerate(runs.values())
-                  if (s := series(run[source], quantity, smooth=quantity in TRAINING)) is not None]
-        if curves:
-            panels[quantity] = curves
+        for k, run in enumerate(runs.values()):
+            if (s := series(run[source], quantity, smooth=quantity in TRAINING)) is not None:
+                panels.setdefault(quantity, []).append((PALETTE[k % len(PALETTE)], *s))
     font = ImageFont.load_default()
     lefts = np.cumsum([8] + [32 + math.ceil(font.getlength(label)) for label in runs]).tolist()  # legend entries
     image = Image.new("RGB", (max(min(COLUMNS, len(panels)) * PANEL_W, lefts[-1]),

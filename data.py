@@ -69,9 +69,8 @@ CONFIGURATION = ("format", "image_size", "images", "batch_size", "bf16", "num_im
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM's preprocessing (guided-diffusion, used by DiT, SiT and REPA) → (S, S, 3) uint8: halve the image with a box
-    filter while its shorter side is at least 2S, resize with bicubic filtering so that the shorter side is S (sizes
-    rounded), then crop the central S×S (offsets rounded down)."""
+    """ADM's preprocessing (guided-diffusion, used by DiT, SiT and REPA) → (S, S, 3) uint8: box-filter halvings while
+    the shorter side is ≥ 2S, a bicubic resize of the shorter side to S, then the central S×S crop."""
     while min(pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
     scale = image_size / min(pil_image.size)
@@ -220,9 +219,8 @@ BUILTIN_DATA = "builtin:shapes"  # the --data-path that names ShapesDataset (pix
 
 class InfiniteSampler(Sampler):
     """This rank's sample indices, endlessly, from global batch `start` on (as edm2's sampler takes a start index).
-    Epoch e shuffles all indices with a generator seeded with (seed + e), keeps a multiple of the global batch and
-    deals them round-robin over the ranks: a resumed run, started at the steps already trained, sees exactly the
-    data an uninterrupted one would (each global batch is the same on any number of processes)."""
+    Each epoch is a seeded shuffle cut to whole global batches and dealt round-robin over the ranks: a run resumed at
+    the steps already trained sees exactly the data an uninterrupted one would, on any number of processes."""
 
     def __init__(self, num_samples, local_batch, rank, world_size, seed, start=0):
         self.num_samples, self.local_batch, self.rank, self.world_size, self.seed, self.start = (

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from models import Attention  # the SiT's, timm's layout (keys qkv, proj) as these ViTs
 from runtime import UserError, barrier
@@ -42,19 +43,12 @@ def resample_pos_embed(pos_embed, grid):
     return torch.cat([cls, patches], dim=1)
 
 
-class Target(nn.Module):
+def normalize(images):
     """The preprocessing all REPA's encoders here share: uint8 → /255 → ImageNet mean/std."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, images):
-        return (images.float() / 255 - self.mean) / self.std
+    return TF.normalize(images.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
 
 
-class DINOv2Target(Target):
+class DINOv2Target(nn.Module):
     """uint8 images (N, 3, S, S) → /255 → ImageNet mean/std → bicubic resize to 224·(S/256) → the encoder's
     `forward_features(x)["x_norm_patchtokens"]` (final LayerNorm, class token dropped)."""
 
@@ -64,7 +58,7 @@ class DINOv2Target(Target):
         self.embed_dim, self.input_size = encoder.embed_dim, 224 * (image_size // 256)
 
     def forward(self, images):
-        x = F.interpolate(self.normalize(images), size=self.input_size, mode="bicubic")
+        x = F.interpolate(normalize(images), size=self.input_size, mode="bicubic")
         return self.encoder.forward_features(x)["x_norm_patchtokens"]
 
 
@@ -80,7 +74,7 @@ class Block(nn.Module):
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
 
-class ViT(Target):
+class ViT(nn.Module):
     """The ViT/16 of MAE and MoCo v3 (timm's VisionTransformer: pre-norm blocks, qkv bias, exact GELU, LayerNorm eps
     1e-6), its parameters named as in their published files, on REPA's input: the normalized S-px image, not resized.
 
@@ -98,7 +92,7 @@ class ViT(Target):
         self.norm = nn.LayerNorm(width, eps=1e-6)
 
     def forward(self, images):
-        x = self.patch_embed.proj(self.normalize(images)).flatten(2).transpose(1, 2)      # (N, T, D), row-major
+        x = self.patch_embed.proj(normalize(images)).flatten(2).transpose(1, 2)           # (N, T, D), row-major
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed  # (N, 1 + T, D)
         for block in self.blocks:
             x = block(x)
@@ -169,8 +163,7 @@ def load_vit(name, weights_dir, grid):
     table too, not recomputed). Deviations from REPA's load_encoders: the files keep their published names (REPA
     reads renamed copies, ckpts/mae_vit{b}.pth, ckpts/mocov3_vit{b}.pth); MAE's ViT-B (REPA builds ViT-L for any
     mae-vit-*)."""
-    file = VIT_WEIGHTS[name][0]
-    path = Path(weights_dir) / file
+    path = Path(weights_dir) / VIT_WEIGHTS[name][0]
     model = ViT(**VIT_B, grid=grid, final_norm=name.startswith("mocov3"))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -183,6 +176,6 @@ def load_vit(name, weights_dir, grid):
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], grid)
         model.load_state_dict(state)
     except Exception as e:  # not a checkpoint, another layout, missing / unexpected / misshapen parameters
-        raise UserError(f"{path} is not {file} as its authors publish it ({type(e).__name__}: "
+        raise UserError(f"{path} is not {path.name} as its authors publish it ({type(e).__name__}: "
                         f"{textwrap.shorten(str(e), 240)})") from None
     return model

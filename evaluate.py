@@ -107,14 +107,12 @@ def score(run_dir, args, reference, inception, rank, world_size, device):
         stem, _ = sample.sample_outputs(sargs, rank, world_size, device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as fid.py
         npz = sample.beside(stem, ".npz")
-        if reference["source"] is None:  # the built-in data: small, scored by rank 0 alone
-            scores = builtin_metrics(npz, args.seed) if rank == 0 else None
-        else:
+        if reference["source"] is not None:  # every rank extracts the features of its share of the samples
             source = fid.open_source(npz)
             features = fid.extract_features(inception, source, args.batch_size, rank, world_size, "samples")
-            scores = fid.adm_metrics(reference["source"], reference["features"], source, features) if rank == 0 \
-                else None
         if rank == 0:  # the file rewritten whole: a line cut short by an interruption is never appended to
+            scores = (builtin_metrics(npz, args.seed) if reference["source"] is None  # the built-in data: small
+                      else fid.adm_metrics(reference["source"], reference["features"], source, features))
             lines.append({**record, **scores})
             with replace_atomically(run_dir / "eval.jsonl") as tmp:
                 tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -123,16 +121,14 @@ def score(run_dir, args, reference, inception, rank, world_size, device):
 
 def draw_milestones_of(run_dir, args, device):
     """run_dir/milestones.png: --milestone-samples EMA images of every checkpoint, the same noise and labels in every
-    row (sample indices 0…n−1 of --seed; grid classes as sample.py's)."""
+    row (sample indices 0…n−1 of --seed; grid classes as sample.py's); `main` has filled in --num-steps."""
     rows, vae, n = [], None, args.milestone_samples
     for step in checkpoint_steps(run_dir / "checkpoints"):
-        ckpt = run_dir / "checkpoints" / f"{step:07d}.pt"
-        sargs = sample_args(args, ckpt)  # sample.py's settings of the FID batch, --num-steps filled in
-        model, description = sample.load_sampling_model(ckpt, args.weights)
+        model, description = sample.load_sampling_model(run_dir / "checkpoints" / f"{step:07d}.pt", args.weights)
         if vae is None and description["in_channels"] == LATENT_CHANNELS:
             vae = load_vae(args.vae, device)
-        images = sample.generate(model.to(device), vae, list(range(n)), seed=args.seed, sampler=sargs.sampler,
-                                 num_steps=sargs.num_steps, cfg_scale=args.cfg_scale, bf16=args.precision == "bf16",
+        images = sample.generate(model.to(device), vae, list(range(n)), seed=args.seed, sampler=args.sampler,
+                                 num_steps=args.num_steps, cfg_scale=args.cfg_scale, bf16=args.precision == "bf16",
                                  interval=(args.guidance_low, args.guidance_high),
                                  labels=sample.grid_labels(model.num_classes, per_class=1).repeat(n)[:n])
         rows.append((step, images.numpy()))
@@ -143,11 +139,10 @@ def main(args):
     runs = [Path(r) for r in args.runs]
     if args.num_samples < fid.PR_NEIGHBOURS + 1:
         raise UserError(f"--num-samples must be at least {fid.PR_NEIGHBOURS + 1} (precision and recall's k + 1)")
-    for run_dir in runs:  # every run's settings checked before any work
-        steps = checkpoint_steps(run_dir / "checkpoints")
-        if not steps:
+    args.num_steps = sample_args(args, "CKPT").num_steps  # the shared flags checked by sample.py (reads no file)
+    for run_dir in runs:  # every run checked before any work
+        if not checkpoint_steps(run_dir / "checkpoints"):
             raise UserError(f"{run_dir} has no checkpoints (expected {run_dir / 'checkpoints'}/NNNNNNN.pt)")
-        sample_args(args, run_dir / "checkpoints" / f"{steps[-1]:07d}.pt")
     rank, world_size, device = init_distributed()
     reference, inception = {"source": None, "sha256": BUILTIN_REFERENCE}, None
     if args.ref != BUILTIN_REFERENCE:  # the reference's features once, for every checkpoint of every run

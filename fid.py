@@ -4,9 +4,8 @@
     torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz              # feature extraction split over GPUs
 
 REF and SAMPLES may each be an `.npz` with `arr_0` (N, H, W, 3) uint8 (ADM's batches; sample.py writes them) or a
-folder of images. A reference that carries `mu, sigma, mu_s, sigma_s` (ADM's do) supplies its FID / sFID
-statistics, as in the ADM evaluator; its images still serve precision and recall. Results are printed and
-written as JSON (`--out`).
+folder of images. A reference that carries `mu, sigma, mu_s, sigma_s` (ADM's do) supplies its FID / sFID statistics,
+as in the ADM evaluator; its images still serve precision and recall. Results are printed and saved as JSON (`--out`).
 
 The network is the FID Inception (TensorFlow's 2015-12-05 graph) in torchvision's layout, as pytorch-fid and
 torch-fidelity port it, after TensorFlow-1's bilinear resize to 299×299 and (x − 128)/128. Its pool_3 features

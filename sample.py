@@ -95,12 +95,10 @@ def euler_sampler(model, z, y, num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
     x = z.double()
     for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         scale = guidance_at(t_cur, cfg_scale, interval)
-        v_cur = velocity(model, x, t_cur, y, scale)
-        x_next = x + (t_next - t_cur) * v_cur
-        if heun and k < num_steps - 1:
-            v_next = velocity(model, x_next, t_next, y, scale)
-            x_next = x + (t_next - t_cur) * (0.5 * v_cur + 0.5 * v_next)
-        x = x_next
+        v = velocity(model, x, t_cur, y, scale)
+        if heun and k < num_steps - 1:  # the mean of the slopes at x_k and at the Euler step x̃_{k+1}
+            v = 0.5 * v + 0.5 * velocity(model, x + (t_next - t_cur) * v, t_next, y, scale)
+        x = x + (t_next - t_cur) * v
     return x.float()
 
 
@@ -110,10 +108,9 @@ def euler_maruyama_sampler(model, z, y, num_steps=250, cfg_scale=1.0, interval=(
 
         x_{k+1} = x_k + [v − ½·w(t_k)·s(x_k, t_k)]·(t_{k+1} − t_k) + √w(t_k) · √|t_{k+1} − t_k| · ε_k,
 
-    v = v(x_k, t_k | y) and s the linear path's score, s = −((1 − t)·v + x)/t (from x_t = x_0 + t·v: E[ε | x_t] =
-    x_t + (1 − t)·v, and s = −E[ε | x_t]/t), on t = linspace(1, 0.04, num_steps), then one step from 0.04 to 0 with
-    the drift alone (the transition's mean): num_steps network evaluations. `noise(x)` draws each ε_k, shaped like x.
-    """
+    v = v(x_k, t_k | y) and s the linear path's score, s = −((1 − t)·v + x)/t (from x_t = x_0 + t·v: E[ε | x_t] = x_t +
+    (1 − t)·v, and s = −E[ε | x_t]/t), on t = linspace(1, 0.04, num_steps), then one step from 0.04 to 0 with the drift
+    alone (the transition's mean): num_steps network evaluations. `noise(x)` draws each ε_k, shaped like x."""
     t_steps = torch.cat([torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64),
                          torch.zeros(1, dtype=torch.float64)])
     x = z.double()
@@ -206,8 +203,7 @@ def write_npz(folder, num_samples, path):
     """Pack folder/000000.png … into `path` with one array `arr_0` (N, H, W, 3) uint8, as the ADM evaluator reads.
     The .npy inside the (uncompressed) zip is streamed image by image: 50K images never sit in memory at once."""
     first = np.asarray(Image.open(folder / f"{0:06d}.png"))
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (num_samples, *first.shape)}
+    header = {**np.lib.format.header_data_from_array_1_0(first), "shape": (num_samples, *first.shape)}
     with replace_atomically(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, header)
@@ -348,6 +344,8 @@ def main(args):
 
 def check_args(args):
     """Fills in --num-steps and refuses bad settings, before anything is loaded (evaluate.py checks its own too)."""
+    if args.sampler not in DEFAULT_STEPS:  # evaluate.py's --sampler has no argparse choices
+        raise UserError(f"--sampler {args.sampler}: choose one of {', '.join(DEFAULT_STEPS)}")
     args.num_steps = DEFAULT_STEPS[args.sampler] if args.num_steps is None else args.num_steps
     for flag, value in [("--num-steps", args.num_steps), ("--per-proc-batch-size", args.per_proc_batch_size),
                         ("--images-per-class", args.images_per_class), ("--num-fid-samples", args.num_fid_samples)]:
@@ -361,8 +359,7 @@ def check_args(args):
 
 
 def sample_outputs(args, rank, world_size, device):
-    """The grid or the FID batch of `args` (checked by `main`); returns (their path without suffix, the model's
-    description). evaluate.py calls it per checkpoint."""
+    """Writes the grid or FID batch of checked `args`; returns (their path without suffix, the model's description)."""
     model, description = load_sampling_model(args.ckpt, args.weights, args.model)
     meanflow = description["meanflow"]
     if meanflow != (args.sampler == "meanflow"):

@@ -345,7 +345,8 @@ def test_a_grid_of_a_model_trained_on_the_built_in_data_is_checked_by_its_classi
 @pytest.mark.parametrize("changes, error", [({"num_steps": 0}, "--num-steps must be at least 1"),
                                             ({"per_proc_batch_size": 0}, "--per-proc-batch-size"),
                                             ({"class_labels": [1]}, "FID batches draw labels"),
-                                            ({"guidance_low": 0.8}, "0 ≤ low ≤ high ≤ 1")])
+                                            ({"guidance_low": 0.8}, "0 ≤ low ≤ high ≤ 1"),
+                                            ({"sampler": "ddim"}, "--sampler ddim: choose one of euler")])
 def test_bad_settings_are_refused(pixel_checkpoint, tmp_path, changes, error):
     with pytest.raises(UserError, match=error):
         sample.main(sample_args(pixel_checkpoint, tmp_path, **changes))

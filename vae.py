@@ -1,13 +1,11 @@
 """The Stable Diffusion VAE that SiT, REPA and DiverseDiT train in, self-contained: the AutoencoderKL of
-`stabilityai/sd-vae-ft-ema` and `stabilityai/sd-vae-ft-mse` (one encoder; the two differ only in their fine-tuned
-decoders), with the module names of diffusers' AutoencoderKL so that the public
-`diffusion_pytorch_model.safetensors` / `.bin` files load with strict key checking:
+`stabilityai/sd-vae-ft-ema` and `stabilityai/sd-vae-ft-mse` (one encoder, two fine-tuned decoders), with diffusers'
+module names so that the public `diffusion_pytorch_model.safetensors` / `.bin` files load with strict key checking:
 
     image (N, 3, H, W) in [-1, 1] --encoder--> quant_conv --> (mean, logvar) of (N, 4, H/8, W/8)
     latent (N, 4, H/8, W/8)       --post_quant_conv--> decoder --> image (N, 3, H, W)
 
-To fetch the weights on a machine with internet access (into torch's hub cache): `python -c "import vae;
-vae.load_vae('mse')"`.
+With internet access, `python -c "import vae; vae.load_vae('mse')"` fetches the weights into torch's hub cache.
 """
 import hashlib
 import json
@@ -183,7 +181,6 @@ def read_safetensors(path):
 def vae_weights_path(source):
     """The weight file for `source`: "ema" / "mse" (downloaded into torch's hub cache once), a file or a folder."""
     if source in VAE_URLS:
-        url = VAE_URLS[source]
         path = Path(torch.hub.get_dir()) / "checkpoints" / f"sd-vae-ft-{source}" / WEIGHT_FILES[0]
         if path.is_file():
             return path
@@ -191,14 +188,14 @@ def vae_weights_path(source):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with replace_atomically(path) as tmp:  # a download cut short leaves no file that looks complete
-                torch.hub.download_url_to_file(url, str(tmp), progress=True)
+                torch.hub.download_url_to_file(VAE_URLS[source], str(tmp), progress=True)
         except BaseException as e:
             for folder in created:  # nothing is left behind in the cache, not even an empty folder
                 folder.rmdir()
             if not isinstance(e, OSError):  # urllib's URLError included
                 raise
-            raise UserError(f"could not download the SD-VAE weights from {url} ({e}); download it elsewhere and "
-                            f"pass it (or its folder) as --vae PATH") from None
+            raise UserError(f"could not download the SD-VAE weights from {VAE_URLS[source]} ({e}); download it "
+                            f"elsewhere and pass it (or its folder) as --vae PATH") from None
         return path
     path = Path(source)
     if path.is_dir():
